@@ -1,0 +1,348 @@
+"""Dataset sources, the decode-once uint8 cache, the held-out split and the Lightning DataModule.
+
+Data flows one way: a source (python tarball or folder, ImageFolder tree or .tar.gz of one, or
+torchvision's download) -> a cached uint8 array (N, 32, 32, 3) + labels -> uint8 batches -> the
+training device, where `augment.py` turns them into normalized float batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import Augment
+from .errors import CifarkitError
+
+SIZE = 32
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
+
+
+@dataclass
+class Arrays:
+    """A decoded dataset: uint8 images (N, 32, 32, 3) and int64 labels, train and test."""
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: list[str]
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each returns Arrays from one kind of source
+
+
+def _unpickle(raw: bytes) -> dict:
+    return pickle.loads(raw, encoding="latin1")
+
+
+def _python_batches(files: dict[str, bytes], source: str) -> Arrays:
+    """CIFAR-10 / CIFAR-100 'python version' batches, by file name -> raw bytes."""
+    def rows(d):
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, SIZE, SIZE).transpose(0, 2, 3, 1)
+        y = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
+        return x, y
+
+    if "batches.meta" in files:  # CIFAR-10
+        classes = _unpickle(files["batches.meta"])["label_names"]
+        train = [rows(_unpickle(files[f"data_batch_{i}"])) for i in range(1, 6)]
+        test = rows(_unpickle(files["test_batch"]))
+    else:  # CIFAR-100
+        classes = _unpickle(files["meta"])["fine_label_names"]
+        train, test = [rows(_unpickle(files["train"]))], rows(_unpickle(files["test"]))
+    return Arrays(np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]),
+                  test[0], test[1], list(classes), source)
+
+
+_PY_NAMES = {"batches.meta", "test_batch", "meta", "train", "test"} | {f"data_batch_{i}" for i in range(1, 6)}
+
+
+def _decode(raw: bytes, name: str, notices: list) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img = img.convert("RGB")
+    except Exception as exc:
+        raise CifarkitError(f"cannot decode image '{name}': {exc}") from None
+    if img.size != (SIZE, SIZE):
+        notices.append(name)
+        img = img.resize((SIZE, SIZE), Image.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _image_folder(entries: list[tuple[str, bytes]], source: str) -> Arrays:
+    """(relative path, bytes) pairs of a tree <root>/{train,test}/<class>/<file>."""
+    split_items: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
+    for rel, raw in entries:
+        parts = Path(rel).parts
+        for i, part in enumerate(parts[:-2]):
+            if part in split_items and len(parts) - i == 3:
+                split_items[part].append((parts[i + 1], rel, raw))
+                break
+    if not split_items["train"] or not split_items["test"]:
+        raise CifarkitError(f"{source} is not a dataset: expected <root>/train/<class>/<image> and "
+                            "<root>/test/<class>/<image>, or CIFAR's python batches")
+    classes = sorted({c for c, _, _ in split_items["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    notices: list[str] = []
+    out = []
+    for split in ("train", "test"):
+        items = sorted(split_items[split], key=lambda t: t[1])
+        unknown = {c for c, _, _ in items} - set(index)
+        if unknown:
+            raise CifarkitError(f"{source}: test classes {sorted(unknown)} are not in train")
+        x = np.stack([_decode(raw, rel, notices) for _, rel, raw in items])
+        y = np.array([index[c] for c, _, _ in items], dtype=np.int64)
+        out += [x, y]
+    if notices:
+        print(f"notice: resized {len(notices)} images to {SIZE}x{SIZE} (first: {notices[0]})",
+              file=sys.stderr)
+    return Arrays(*out, classes, source)
+
+
+def _read_tar(path: Path) -> Arrays:
+    py: dict[str, bytes] = {}
+    images: list[tuple[str, bytes]] = []
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                name = Path(m.name).name
+                if name in _PY_NAMES:
+                    py[name] = tar.extractfile(m).read()
+                elif name.lower().endswith(IMAGE_SUFFIXES):
+                    images.append((m.name, tar.extractfile(m).read()))
+    except Exception as exc:  # TarError, EOFError, zlib.error, OSError: all mean a bad archive
+        raise CifarkitError(f"cannot read archive {path}: {exc} (truncated or not a .tar.gz?); "
+                            "download it again") from None
+    if "batches.meta" in py or {"meta", "train", "test"} <= set(py):
+        return _python_batches(py, str(path))
+    return _image_folder(images, str(path))
+
+
+def _read_dir(path: Path) -> Arrays:
+    for meta in ("batches.meta", "meta"):
+        hits = sorted(path.rglob(meta))
+        if hits:
+            root = hits[0].parent
+            return _python_batches({f.name: f.read_bytes() for f in root.iterdir()
+                                    if f.name in _PY_NAMES}, str(path))
+    files = [f for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    return _image_folder([(str(f.relative_to(path)), f.read_bytes()) for f in files], str(path))
+
+
+def read_source(path: Path) -> Arrays:
+    if not path.exists():
+        raise CifarkitError(f"data path {path} does not exist; pass --data with a CIFAR tarball, "
+                            "its extracted folder, or an ImageFolder tree (or .tar.gz of one)")
+    arrays = _read_dir(path) if path.is_dir() else _read_tar(path)
+    print(f"decoded {len(arrays.train_y)} train + {len(arrays.test_y)} test images from {path}",
+          file=sys.stderr)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode-once cache
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CIFARKIT_CACHE", Path.home() / ".cache" / "cifarkit"))
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    text = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _save_cache(file: Path, a: Arrays) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp.npz")
+    np.savez(tmp, train_x=a.train_x, train_y=a.train_y, test_x=a.test_x, test_y=a.test_y,
+             classes=np.array(a.classes), source=np.array(a.source))
+    os.replace(tmp, file)  # atomic: a killed write never leaves a half cache
+
+
+def _load_cache(file: Path) -> Arrays | None:
+    try:
+        with np.load(file) as z:
+            return Arrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
+                          [str(c) for c in z["classes"]], str(z["source"]))
+    except Exception:
+        return None  # unreadable or stale: decode again
+
+
+def _torchvision(dataset: str) -> Arrays:
+    from torchvision import datasets
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[dataset]
+    root = cache_dir() / "torchvision"
+    try:
+        train, test = cls(root, train=True, download=True), cls(root, train=False, download=True)
+    except Exception as exc:
+        raise CifarkitError(
+            f"could not download {dataset} ({type(exc).__name__}); with no network, point at a "
+            "local copy with --data PATH or CIFARKIT_DATA=PATH (python tarball, its folder, or an "
+            "ImageFolder tree / .tar.gz)") from None
+    return Arrays(train.data, np.array(train.targets), test.data, np.array(test.targets),
+                  list(train.classes), f"torchvision:{dataset}")
+
+
+def resolve_source(data: str | None, dataset: str = "cifar10") -> str | None:
+    """--data, then $CIFARKIT_DATA; None means 'cache, then torchvision download'."""
+    if data:
+        return str(data)
+    if os.environ.get("CIFARKIT_DATA"):
+        return os.environ["CIFARKIT_DATA"]
+    if dataset == "folder":
+        raise CifarkitError("--dataset folder needs --data PATH (an ImageFolder tree or .tar.gz)")
+    return None
+
+
+def load_arrays(data: str | None = None, dataset: str = "cifar10") -> Arrays:
+    """Decoded arrays for a source, from the cache when the source has not changed."""
+    source = resolve_source(data, dataset)
+    if source is None:
+        file = cache_dir() / f"{dataset}-torchvision.npz"
+        cached = _load_cache(file) if file.exists() else None
+        if cached is None:
+            cached = _torchvision(dataset)
+            _save_cache(file, cached)
+        return cached
+    path = Path(source).expanduser()
+    if not path.exists():
+        read_source(path)  # raises the 'does not exist' error
+    file = cache_dir() / f"{path.name}-{_cache_key(path)}.npz"
+    cached = _load_cache(file) if file.exists() else None
+    if cached is None:
+        cached = read_source(path)
+        _save_cache(file, cached)
+    return cached
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and the DataModule
+
+
+def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of a seeded random held-out split of the training set."""
+    if not 0 <= val_size < len(labels):
+        raise CifarkitError(f"--val-size {val_size} must be in [0, {len(labels) - 1}]")
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def balanced_subset(indices: np.ndarray, labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    """The first n // num_classes indices of each class (n rounded down to whole classes)."""
+    per_class = n // num_classes
+    picked = []
+    for c in range(num_classes):
+        of_c = indices[labels[indices] == c]
+        if per_class > len(of_c) or per_class == 0:
+            raise CifarkitError(f"--subset {n} asks {per_class} images of class {c}, but the "
+                                f"training split has {len(of_c)}; use at most "
+                                f"{num_classes * min((labels[indices] == k).sum() for k in range(num_classes))}")
+        picked.append(of_c[:per_class])
+    return np.sort(np.concatenate(picked))
+
+
+def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, H, W, 3), in [0, 1] units."""
+    flat = torch.from_numpy(x).reshape(-1, 3).float() / 255
+    return flat.mean(0).tolist(), flat.std(0).tolist()
+
+
+class UInt8Batches(Dataset):
+    """Whole batches by index, with no per-sample Python work (DataLoader calls __getitems__)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform=None):
+        self.x, self.y, self.transform = x, y, transform  # (N, 32, 32, 3) uint8, (N,) int64
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+    def __getitems__(self, idx):
+        idx = torch.as_tensor(idx)
+        x = self.x[idx]
+        if self.transform is not None:  # per-sample pipeline (Albumentations), uint8 in and out
+            x = torch.from_numpy(np.stack([self.transform(image=im)["image"] for im in x.numpy()]))
+        return x, self.y[idx], idx
+
+
+def as_batch(batch):
+    return batch  # __getitems__ already built the batch
+
+
+class CIFARDataModule(L.LightningDataModule):
+    def __init__(self, data: str | None = None, dataset: str = "cifar10", batch_size: int = 512,
+                 val_size: int = 5000, subset: int | None = None, seed: int = 0,
+                 augment: dict | None = None, eval_batch_size: int = 1000, num_workers: int = 0):
+        super().__init__()
+        self.data, self.dataset, self.batch_size = data, dataset, batch_size
+        self.val_size, self.subset, self.seed = val_size, subset, seed
+        self.augment_cfg, self.eval_batch_size, self.num_workers = augment or {}, eval_batch_size, num_workers
+        self.arrays: Arrays | None = None
+
+    def prepare(self) -> "CIFARDataModule":
+        """Load (cached) arrays and make the splits; safe to call more than once."""
+        if self.arrays is not None:
+            return self
+        a = self.arrays = load_arrays(self.data, self.dataset)
+        self.classes = a.classes
+        train_idx, val_idx = split_train_val(a.train_y, self.val_size, self.seed)
+        if self.subset:
+            train_idx = balanced_subset(train_idx, a.train_y, self.subset, len(a.classes))
+        self.train_idx, self.val_idx = train_idx, val_idx
+        self.mean, self.std = channel_stats(a.train_x[train_idx])
+        self.augment = Augment(self.mean, self.std, seed=self.seed, **self.augment_cfg)
+        return self
+
+    def setup(self, stage: str | None = None):
+        self.prepare()
+
+    def _loader(self, x, y, shuffle, batch_size, transform=None):
+        ds = UInt8Batches(torch.from_numpy(x), torch.from_numpy(y), transform)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=False,
+                          collate_fn=as_batch, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        a = self.arrays
+        return self._loader(a.train_x[self.train_idx], a.train_y[self.train_idx], True,
+                            self.batch_size, self.augment.per_sample())
+
+    def val_dataloader(self):
+        a = self.arrays
+        if len(self.val_idx) == 0:
+            return []
+        return self._loader(a.train_x[self.val_idx], a.train_y[self.val_idx], False, self.eval_batch_size)
+
+    def test_dataloader(self):
+        a = self.arrays
+        return self._loader(a.test_x, a.test_y, False, self.eval_batch_size)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y, idx = batch
+        training = self.trainer is not None and self.trainer.training
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return self.augment(x, idx, epoch) if training else self.augment.normalize(x), y
+
+    def sample_images(self, n: int = 5000) -> torch.Tensor:
+        """The first n training images, normalized (N, 3, 32, 32): for data-dependent inits."""
+        x = torch.from_numpy(self.arrays.train_x[self.train_idx[:n]])
+        return self.augment.normalize(x)

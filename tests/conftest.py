@@ -1,0 +1,78 @@
+"""Shared fixtures: the real JPEG copy of CIFAR-10 when it is beside the repo, small fake datasets,
+and one tiny trained run for the commands that need weights."""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_COPY = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def real_data() -> Path:
+    """The real CIFAR-10 copy: $CIFARKIT_DATA, else ../shared/data/cifar10-jpeg.tar.gz."""
+    path = Path(os.environ.get("CIFARKIT_DATA") or SHARED_COPY)
+    if not path.exists():
+        pytest.fail(f"real CIFAR-10 copy not found at {path}; set CIFARKIT_DATA")
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """One decode cache per test session, so tests never read a user's cache."""
+    os.environ["CIFARKIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def cifar_path() -> Path:
+    return real_data()
+
+
+def make_image_folder(root: Path, n_train: int = 12, n_test: int = 4, size: int = 32, classes=CLASSES[:4],
+                      seed: int = 0) -> Path:
+    """A small ImageFolder tree whose classes differ in mean colour (learnable)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.full((size, size, 3), 40 + 50 * c, dtype=np.int16)
+                img = np.clip(base + rng.integers(-30, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "toy")
+
+
+@pytest.fixture
+def image_folder_tgz(tmp_path) -> Path:
+    root = make_image_folder(tmp_path / "toy")
+    out = tmp_path / "toy.tar.gz"
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(root, arcname="toy")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cifar_path) -> Path:
+    """A run directory trained for a few steps on 1,000 real images (weights, config, metrics)."""
+    from cifarkit.presets import preset_config
+    from cifarkit.train import fit
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = preset_config("fast", data=str(cifar_path), subset=1000, val_size=500, epochs=1,
+                        batch_size=250, tta=0, out=str(out), eval_batch_size=2000)
+    return fit(cfg)

@@ -1,0 +1,91 @@
+import torch
+import torch.nn.functional as F
+
+from cifarkit.augment import Augment
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.25, 0.25]
+
+
+def _batch(b=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 32, 32, 3), dtype=torch.uint8, generator=g)
+
+
+def test_output_is_normalized_float_nchw_channels_last_and_labels_stay_aligned():
+    aug = Augment(MEAN, STD, flip="random", pad=4, pad_mode="mean", cutout=(8, 16), cutout_holes=(1, 2))
+    x = _batch()
+    out = aug(x, torch.arange(16))
+    assert out.shape == (16, 3, 32, 32) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # no translation, no flip, no cutout: image i stays image i
+    plain = Augment(MEAN, STD, flip="none")(x, torch.arange(16))
+    assert torch.allclose(plain, Augment(MEAN, STD).normalize(x))
+
+
+def test_flip_of_a_flip_is_the_identity():
+    aug = Augment(MEAN, STD, flip="random")
+    x = _batch()
+    all_ = torch.ones(16, dtype=torch.bool)
+    once = aug.crop_flip(x, all_)
+    assert torch.equal(once, x.flip(2))
+    assert torch.equal(aug.crop_flip(once, all_), x)
+
+
+def test_reflect_translation_matches_padding_then_cropping():
+    torch.manual_seed(1)
+    aug = Augment(MEAN, STD, pad=2, pad_mode="reflect")
+    x = _batch(8)
+    out = aug.crop_flip(x, torch.zeros(8, dtype=torch.bool))
+    padded = F.pad(x.permute(0, 3, 1, 2).float(), (2, 2, 2, 2), mode="reflect").permute(0, 2, 3, 1)
+    for i in range(8):  # every output is one of the 25 crops of the reflect-padded image
+        crops = [padded[i, dy:dy + 32, dx:dx + 32] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i].float(), c) for c in crops)
+
+
+def test_mean_padding_fills_the_border_with_the_mean_colour():
+    torch.manual_seed(0)
+    aug = Augment(MEAN, STD, pad=4, pad_mode="mean")
+    x = torch.zeros(64, 32, 32, 3, dtype=torch.uint8)  # black: any non-black pixel is fill
+    out = aug.crop_flip(x, torch.zeros(64, dtype=torch.bool))
+    filled = (out != 0).any(-1)
+    assert filled.any()
+    assert torch.equal(out[filled][0], aug.fill)
+
+
+def test_cutout_holes_have_the_requested_size():
+    torch.manual_seed(0)
+    aug = Augment(MEAN, STD, flip="none", cutout=8, cutout_holes=1, cutout_p=1.0)
+    x = torch.zeros(32, 32, 32, 3, dtype=torch.uint8)
+    out = aug.cut(x)
+    holes = (out != 0).any(-1)                     # (B, H, W)
+    assert (holes.sum((1, 2)) == 64).all()        # one 8x8 hole per image, fully inside
+    rows, cols = holes.any(2).sum(1), holes.any(1).sum(1)
+    assert (rows == 8).all() and (cols == 8).all()
+
+
+def test_cutout_probability_zero_changes_nothing_and_size_range_is_respected():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 32, 32, 3, dtype=torch.uint8)
+    assert torch.equal(Augment(MEAN, STD, cutout=8, cutout_p=0.0).cut(x), x)
+    out = Augment(MEAN, STD, cutout=(8, 16), cutout_holes=(1, 1)).cut(x)
+    area = (out != 0).any(-1).sum((1, 2))
+    assert (area >= 64).all() and (area <= 256).all()
+
+
+def test_alternating_flip_flips_each_image_every_other_epoch():
+    aug = Augment(MEAN, STD, flip="alternate")
+    idx = torch.arange(1000)
+    e0, e1, e2 = (aug.flips_for(idx, e) for e in range(3))
+    assert torch.equal(e0, ~e1) and torch.equal(e0, e2)
+    assert 0.4 < e0.float().mean() < 0.6
+
+
+def test_albumentations_pipeline_is_the_seeds_and_keeps_uint8():
+    import numpy as np
+    aug = Augment(MEAN, STD, flip="none", pad=4, pad_mode="mean", cutout=(8, 16), cutout_holes=(1, 2),
+                  cutout_p=0.8, pipeline="albumentations")
+    pipe = aug.per_sample()
+    names = [type(t).__name__ for t in pipe.transforms]
+    assert names == ["PadIfNeeded", "RandomCrop", "CoarseDropout"]
+    out = pipe(image=np.zeros((32, 32, 3), np.uint8))["image"]
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
