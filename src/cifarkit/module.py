@@ -1,0 +1,131 @@
+"""One LightningModule around any registered net: loss, metrics, SGD + OneCycle, lookahead, TTA."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+LOOKAHEAD_EVERY = 5  # steps between weight-averaging updates
+
+
+def tta_logits(net: nn.Module, x: torch.Tensor, level: int = 0) -> torch.Tensor:
+    """Logits averaged over test-time views: 0 = as is, 1 = + mirror, 2 = + mirror of 1-px shifts."""
+    def mirror(v):
+        return 0.5 * net(v) + 0.5 * net(v.flip(-1)) if level >= 1 else net(v)
+
+    logits = mirror(x)                                          # (B, K)
+    if level >= 2:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")         # (B, 3, H+2, W+2)
+        shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]    # up-left and down-right by 1 px
+        logits = 0.5 * logits + 0.5 * torch.stack([mirror(v) for v in shifted]).mean(0)
+    return logits
+
+
+def tta_views(level: int) -> int:
+    """How many forward passes tta_logits makes per image."""
+    return {0: 1, 1: 2, 2: 6}[level]
+
+
+class LitClassifier(L.LightningModule):
+    def __init__(self, net: nn.Module, num_classes: int, lr: float = 0.1, momentum: float = 0.9,
+                 nesterov: bool = False, weight_decay: float = 5e-4, bias_lr_scale: float = 1.0,
+                 label_smoothing: float = 0.0, schedule: str = "cosine", pct_start: float = 0.3,
+                 div_factor: float = 25.0, final_div_factor: float = 1e4, cycle_momentum: bool = True,
+                 lookahead: bool = False, whiten_bias_epochs: int = 0, tta: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.lr = lr  # the range test may replace it before fit; configure_optimizers reads it
+        self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro")
+                                                       for _ in range(3))
+        self._ema: dict[str, torch.Tensor] | None = None
+
+    def forward(self, x):
+        return self.net(x)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _eval_step(self, batch, stage: str, metric, tta: int):
+        x, y = batch
+        logits = tta_logits(self.net, x, tta)
+        metric(logits, y)
+        self.log(f"{stage}_loss", F.cross_entropy(logits.float(), y), on_epoch=True, sync_dist=True)
+        self.log(f"{stage}_acc", metric, on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val", self.val_acc, 0)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test", self.test_acc, self.hparams.tta)
+
+    # -- optimizer and schedule ------------------------------------------------------------------
+
+    def _param_groups(self) -> list[dict]:
+        hp = self.hparams
+        norm_ids = {id(p) for m in self.net.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        other = [p for p in params if id(p) not in norm_ids]
+        norm = [p for p in params if id(p) in norm_ids]
+        groups = [dict(params=other, lr=self.lr, weight_decay=hp.weight_decay)]
+        if norm:
+            groups.append(dict(params=norm, lr=self.lr * hp.bias_lr_scale,
+                               weight_decay=hp.weight_decay / hp.bias_lr_scale))
+        return groups
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self._param_groups()
+        opt = torch.optim.SGD(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in groups], total_steps=int(self.trainer.estimated_stepping_batches),
+            pct_start=hp.pct_start, anneal_strategy="cos" if hp.schedule == "cosine" else "linear",
+            div_factor=hp.div_factor, final_div_factor=hp.final_div_factor,
+            cycle_momentum=hp.cycle_momentum, three_phase=False)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- fast-recipe hooks -----------------------------------------------------------------------
+
+    def on_train_epoch_start(self):
+        stem = getattr(self.net, "whiten", None)
+        if stem is not None and stem.bias is not None:
+            stem.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if not self.hparams.lookahead:
+            return
+        step, total = self.global_step, int(self.trainer.estimated_stepping_batches)
+        if self._ema is None:
+            self._ema = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        if step >= total:
+            self._lookahead(1.0)  # the last step: the net becomes the average
+        elif step % LOOKAHEAD_EVERY == 0:
+            self._lookahead(0.95 ** LOOKAHEAD_EVERY * (step / total) ** 3)
+
+    @torch.no_grad()
+    def _lookahead(self, decay: float) -> None:
+        """ema <- decay * ema + (1 - decay) * w; then w <- ema (early: follow w, late: average)."""
+        for k, w in self.net.state_dict().items():
+            if w.dtype.is_floating_point:
+                self._ema[k].lerp_(w, 1 - decay)
+                w.copy_(self._ema[k])
+
+    def on_save_checkpoint(self, checkpoint):
+        if self._ema is not None:
+            checkpoint["lookahead"] = self._ema
+
+    def on_load_checkpoint(self, checkpoint):
+        self._ema = checkpoint.get("lookahead")

@@ -1,0 +1,119 @@
+"""Final weights as safetensors with the metadata needed to use them: model, classes, mean/std, size.
+
+Reading never unpickles; everything downstream of training (test, predict, report, app, export)
+starts from `load(path)` on a run directory or a .safetensors file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .errors import CifarkitError
+from .models import build_model
+
+WEIGHTS_NAME = "model.safetensors"
+MAX_PIXELS = 50_000_000  # larger uploads are refused rather than decoded
+
+
+@dataclass
+class Loaded:
+    net: nn.Module
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    meta: dict
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images of any size/mode -> normalized (B, 3, 32, 32) float batch."""
+        arr = np.stack([np.asarray(to_rgb32(im), dtype=np.uint8) for im in images])  # (B, 32, 32, 3)
+        x = torch.from_numpy(arr).float() / 255
+        return ((x - torch.tensor(self.mean)) / torch.tensor(self.std)).permute(0, 3, 1, 2).contiguous()
+
+    @torch.no_grad()
+    def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
+        self.net.eval()
+        return torch.softmax(self.net(self.preprocess(images)).float(), dim=1)  # (B, K)
+
+
+def to_rgb32(img: Image.Image, size: int = 32) -> Image.Image:
+    """Any PIL image (grayscale, RGBA, palette, 16-bit) as 32x32 RGB; alpha composited on white."""
+    if img.width * img.height > MAX_PIXELS:
+        raise CifarkitError(f"image is {img.width}x{img.height}: over the {MAX_PIXELS:,}-pixel limit")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        span = max(a.max() - a.min(), 1e-9)
+        img = Image.fromarray(((a - a.min()) / span * 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img.draft("RGB", (size * 4, size * 4))  # JPEG: decode at a reduced scale first
+        img = img.resize((size, size), Image.BICUBIC)
+    return img
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file, or raise a one-line CifarkitError."""
+    try:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        img = Image.open(path)
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise CifarkitError(f"no such image: {path}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        raise CifarkitError(f"cannot read image {path}: {str(exc).splitlines()[0]}") from None
+
+
+def save_weights(net: nn.Module, path: Path, model: str, classes: list[str], mean, std,
+                 model_kwargs: dict | None = None, extra: dict | None = None) -> None:
+    meta = {"model": model, "classes": json.dumps(list(classes)), "mean": json.dumps(list(mean)),
+            "std": json.dumps(list(std)), "input_size": "32", "model_kwargs": json.dumps(model_kwargs or {}),
+            "cifarkit_version": __version__}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = Path(path).with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def weights_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / WEIGHTS_NAME
+    if not p.is_file():
+        raise CifarkitError(f"no weights at {p}: give a finished run directory or a .safetensors file")
+    return p
+
+
+def load(path: str | Path) -> Loaded:
+    """A ready model (eval mode, CPU) with its classes and normalization, from a run dir or file."""
+    p = weights_path(path)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError, Exception) as exc:
+        raise CifarkitError(f"cannot read weights {p}: {str(exc).splitlines()[0]}") from None
+    if "model" not in meta or "classes" not in meta:
+        raise CifarkitError(f"{p} has no cifarkit metadata (model name and classes)")
+    classes = json.loads(meta["classes"])
+    net = build_model(meta["model"], len(classes), **json.loads(meta.get("model_kwargs", "{}")))
+    try:
+        net.load_state_dict(tensors)
+    except RuntimeError:
+        raise CifarkitError(f"{p} does not fit model '{meta['model']}' with {len(classes)} classes "
+                            "(weights of another model or class count)") from None
+    return Loaded(net.eval(), classes, json.loads(meta["mean"]), json.loads(meta["std"]), meta)

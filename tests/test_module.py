@@ -1,0 +1,89 @@
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from cifarkit.data import CIFARDataModule
+from cifarkit.models import build_model
+from cifarkit.module import LitClassifier, tta_logits, tta_views
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.fc = nn.Linear(3 * 32 * 32, 4)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_tta_makes_the_stated_number_of_views(level):
+    net = Counting()
+    out = tta_logits(net, torch.randn(5, 3, 32, 32), level)
+    assert out.shape == (5, 4) and net.calls == tta_views(level)
+
+
+def test_tta_of_a_mirror_invariant_net_equals_the_plain_prediction():
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(tta_logits(net, x, 1), net(x), atol=1e-6)
+
+
+def test_lookahead_update_rule():
+    net = nn.Linear(3, 2)
+    module = LitClassifier(net, 2, lookahead=True)
+    module._ema = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    w0 = net.weight.detach().clone()
+    module._lookahead(0.75)                           # ema = 0.75 * 0 + 0.25 * w; w <- ema
+    assert torch.allclose(module._ema["weight"], 0.25 * w0)
+    assert torch.allclose(net.weight, 0.25 * w0)
+    module._lookahead(1.0)                            # decay 1: the net takes the average as is
+    assert torch.allclose(net.weight, 0.25 * w0)
+
+
+class RecordLR(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _fit(folder, tmp_path, epochs=2, callbacks=(), **kw):
+    L.seed_everything(0)
+    dm = CIFARDataModule(str(folder), batch_size=8, val_size=8, augment={"flip": "random"}).prepare()
+    net = build_model("fast", len(dm.classes), widths=(8, 16, 16))
+    net.init_from_data(dm.sample_images(32))
+    module = LitClassifier(net, len(dm.classes), lr=0.2, **kw)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path,
+                        callbacks=list(callbacks))
+    trainer.fit(module, datamodule=dm)
+    return trainer, module
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_one_cycle_ends_exactly_on_the_trainers_last_step(image_folder, tmp_path, schedule):
+    rec = RecordLR()
+    trainer, module = _fit(image_folder, tmp_path, callbacks=[rec], schedule=schedule, div_factor=10,
+                           final_div_factor=100)
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == trainer.estimated_stepping_batches == 10   # 40 images / 8 x 2 epochs
+    assert sched.total_steps == trainer.estimated_stepping_batches
+    assert sched.last_epoch == trainer.global_step
+    assert len(rec.lrs) == 10
+    assert rec.lrs[0] == pytest.approx(0.2 / 10)                    # starts at peak / div_factor
+    assert max(rec.lrs) <= 0.2 + 1e-9
+    assert rec.lrs[-1] == pytest.approx(0.2 / 10 / 100, rel=1e-6)   # the last step uses the final lr
+
+
+def test_whitening_bias_trains_only_for_its_epochs_and_lookahead_runs(image_folder, tmp_path):
+    trainer, module = _fit(image_folder, tmp_path, epochs=3, whiten_bias_epochs=1, lookahead=True)
+    assert module.net.whiten.bias.requires_grad is False
+    assert module._ema is not None
+    for k, v in module.net.state_dict().items():    # after the last step the net is the average
+        if v.dtype.is_floating_point:
+            assert torch.equal(v, module._ema[k])
