@@ -1,0 +1,189 @@
+"""The front door: one subcommand per library function. Errors a user can cause print one line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import CifarkitError
+
+TRAIN_OPTIONS = {  # flag -> (TrainConfig field, type, help)
+    "--model": ("model", str, "architecture (see `cifarkit summary --list`)"),
+    "--epochs": ("epochs", float, "epochs, may be fractional"),
+    "--batch-size": ("batch_size", int, "training batch size"),
+    "--lr": ("lr", str, "peak learning rate, or 'auto' for the LR range test"),
+    "--data": ("data", str, "CIFAR python tarball/folder, ImageFolder tree or .tar.gz of one"),
+    "--dataset": ("dataset", str, "cifar10 | cifar100 | folder"),
+    "--subset": ("subset", int, "train on the first N training images, class-balanced"),
+    "--val-size": ("val_size", int, "images held out of training for validation (0 allowed)"),
+    "--seed": ("seed", int, "random seed"),
+    "--out": ("out", str, "run directory (default runs/<preset>-<time>)"),
+    "--accelerator": ("accelerator", str, "auto | cpu | gpu ..."),
+    "--devices": ("devices", str, "auto, a count, or a list like 0,1"),
+    "--precision": ("precision", str, "auto | 32-true | bf16-mixed | 16-mixed"),
+    "--logger": ("logger", str, "csv | tensorboard (metrics.csv is always written)"),
+    "--num-workers": ("num_workers", int, "DataLoader workers (per-sample augmentation only)"),
+}
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="seed | fast | quick (default fast)")
+    p.add_argument("--config", help="replay a saved run config (config.yaml); flags override it")
+    p.add_argument("--augment", choices=["batched", "albumentations"], help="augmentation pipeline")
+    for flag, (_, typ, help_) in TRAIN_OPTIONS.items():
+        p.add_argument(flag, type=typ, help=help_)
+
+
+def _devices(value):
+    if value is None or value == "auto":
+        return value
+    return int(value) if value.isdigit() else [int(v) for v in value.split(",") if v]
+
+
+def config_from_args(args):
+    from .presets import TrainConfig, preset_config
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in TRAIN_OPTIONS.items()}
+    overrides["devices"] = _devices(overrides["devices"])
+    if overrides["lr"] not in (None, "auto"):
+        try:
+            overrides["lr"] = float(overrides["lr"])
+        except ValueError:
+            raise CifarkitError(f"--lr must be a number or 'auto', got '{overrides['lr']}'") from None
+    if args.config:
+        cfg = TrainConfig.from_yaml(args.config)
+        if args.preset:
+            cfg.preset = args.preset
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+    else:
+        cfg = preset_config(args.preset or "fast", **overrides)
+    if args.augment:
+        cfg.augment = {**cfg.augment, "pipeline": args.augment}
+    if args.config and args.out is None:
+        cfg.out = None  # a replay writes a new run, never over the original
+    return cfg
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_train(args):
+    from .train import fit
+    run_dir = fit(config_from_args(args))
+    results = json.loads((run_dir / "results.json").read_text())
+    print(f"run directory: {run_dir}")
+    print(f"test accuracy: {results['test_acc']:.4f} ({results['seconds']:.0f} s)")
+
+
+def cmd_test(args):
+    from .train import evaluate
+    res = evaluate(args.run_dir, args.data, args.tta)
+    print(f"test accuracy: {res['test_acc']:.4f}  test loss: {res['test_loss']:.4f}")
+
+
+def cmd_lr_find(args):
+    from datetime import datetime
+
+    from .lr_finder import find_lr, save_lr_find
+    from .train import build_datamodule, build_module, make_run_dir, trainer_kwargs
+    cfg = config_from_args(args)
+    cfg.out = cfg.out or f"runs/lr-find-{datetime.now():%Y%m%d-%H%M%S}"
+    if args.num_training:
+        cfg.lr_find = {**cfg.lr_find, "num_training": args.num_training}
+    out = make_run_dir(cfg)
+    dm = build_datamodule(cfg)
+    lr, curve, fig = find_lr(build_module(cfg, dm, 1e-3), dm, trainer_kwargs(cfg), **cfg.lr_find)
+    save_lr_find(out, curve, fig)
+    print(f"suggested lr: {lr:.4g}")
+    print(f"curve: {out / 'lr_find.png'}")
+
+
+def cmd_summary(args):
+    from .models import list_models
+    from .summary import summary_table
+    if args.list:
+        print("\n".join(list_models()))
+        return
+    print(summary_table(args.model, args.num_classes))
+
+
+def cmd_predict(args):
+    from .weights import load, open_image
+    model = load(args.run_dir)
+    k = max(1, min(args.top_k, len(model.classes)))
+    results, failed = [], []
+    for path in args.images:
+        try:
+            probs = model.probabilities([open_image(path)])[0]
+        except CifarkitError as exc:
+            failed.append(str(exc))
+            continue
+        top = probs.topk(k)
+        results.append({"image": path, "top": [{"class": model.classes[i], "prob": round(float(p), 4)}
+                                               for p, i in zip(top.values, top.indices)]})
+    if args.json:
+        print(json.dumps({"predictions": results, "errors": failed}, indent=2))
+    else:
+        for r in results:
+            print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]))
+        for msg in failed:
+            print(f"skipped: {msg}", file=sys.stderr)
+    if failed and not results:
+        raise CifarkitError(f"none of the {len(failed)} images could be read")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="cifarkit", description="Train, explain and demo CIFAR-10 classifiers.")
+    parser.add_argument("--version", action="version", version=f"cifarkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model; prints the run directory and test accuracy")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("test", help="test accuracy of a finished run")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="another copy of the data source")
+    p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time views (default: the run's)")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("lr-find", help="LR range test: prints the suggestion, saves the curve")
+    _add_train_options(p)
+    p.add_argument("--num-training", type=int, help="steps of the sweep (default from the preset)")
+    p.set_defaults(func=cmd_lr_find)
+
+    p = sub.add_parser("summary", help="layer table of a model with parameter and size totals")
+    p.add_argument("--model", default="resnet18_gn")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--list", action="store_true", help="list the registered models")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("predict", help="top classes of images under a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CifarkitError as exc:
+        print(f"cifarkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cifarkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarkit.cli import main
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert err and err[-1].startswith("cifarkit: error:") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_unknown_model_and_preset_list_the_choices(capsys):
+    assert "fast" in _error(capsys, ["train", "--model", "vgg", "--epochs", "1"])
+    assert "quick" in _error(capsys, ["train", "--preset", "huge"])
+
+
+def test_missing_data_path_says_what_to_pass(capsys, tmp_path):
+    assert "--data" in _error(capsys, ["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "r")])
+
+
+def test_truncated_archive_is_one_line(capsys, tmp_path, cifar_path):
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(cifar_path.read_bytes()[:3_000_000])
+    assert "truncated" in _error(capsys, ["train", "--data", str(cut), "--out", str(tmp_path / "r")])
+
+
+def test_unwritable_output_directory(capsys, tmp_path, image_folder):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    assert "--out" in _error(capsys, ["train", "--data", str(image_folder), "--out", str(blocker / "run")])
+
+
+def test_subset_larger_than_the_data(capsys, tmp_path, image_folder):
+    msg = _error(capsys, ["train", "--data", str(image_folder), "--subset", "10000", "--val-size", "4",
+                          "--out", str(tmp_path / "r")])
+    assert "--subset" in msg
+
+
+def test_bad_lr_and_bad_config(capsys, tmp_path):
+    assert "--lr" in _error(capsys, ["train", "--lr", "fast"])
+    bad = tmp_path / "c.yaml"
+    bad.write_text("epochs: 1\nwarp_speed: 9\n")
+    assert "warp_speed" in _error(capsys, ["train", "--config", str(bad)])
+
+
+def test_summary_prints_the_seed_table_totals(capsys):
+    assert main(["summary", "--model", "resnet18_gn"]) == 0
+    out = capsys.readouterr().out
+    assert "Total params: 11,173,962" in out and "Params size (MB): 42.63" in out
+    assert "[-1, 128, 32, 32]" in out  # stage 2 stays at 32x32, as in the seed
+
+
+def test_train_on_a_toy_folder_writes_a_complete_run_and_replays_its_config(capsys, tmp_path, image_folder):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(image_folder), "--model", "custom_resnet", "--epochs", "1",
+            "--batch-size", "16", "--val-size", "8", "--lr", "0.05", "--out", str(out), "--seed", "1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"run directory: {out}" in printed and "test accuracy:" in printed
+    for name in ("config.yaml", "metrics.csv", "model.safetensors", "results.json",
+                 "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    assert {"test_acc", "test_loss", "epochs", "seconds", "preset", "model", "data", "seed",
+            "cifarkit_version"} <= set(res)
+    assert res["model"] == "custom_resnet" and res["seed"] == 1
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "test_acc"} <= set(header)
+    replay = tmp_path / "replay"
+    assert main(["train", "--config", str(out / "config.yaml"), "--out", str(replay)]) == 0
+    again = json.loads((replay / "results.json").read_text())
+    assert again["model"] == "custom_resnet" and again["data"] == res["data"]
+
+
+def test_test_and_predict_on_a_trained_run(capsys, tiny_run, tmp_path):
+    assert main(["test", str(tiny_run), "--tta", "0"]) == 0
+    assert "test accuracy:" in capsys.readouterr().out
+    img = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(img)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert main(["predict", str(tiny_run), str(img), str(bad), "--top-k", "4", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    top = result["predictions"][0]["top"]
+    assert len(top) == 4 and sum(t["prob"] for t in top) <= 1.0001
+    assert [t["prob"] for t in top] == sorted((t["prob"] for t in top), reverse=True)
+    assert "bad.jpg" in result["errors"][0]
+
+
+def test_module_entry_point_runs_and_errors_cleanly():
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "cifarkit", "summary", "--model", "nope"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "resnet18_gn" in r.stderr
