@@ -74,8 +74,25 @@ def cmd_train(args):
     from .train import fit
     run_dir = fit(config_from_args(args))
     results = json.loads((run_dir / "results.json").read_text())
+    if not args.no_report:
+        from .report import write_report
+        try:
+            print(f"report: {write_report(run_dir) / 'index.html'}")
+        except CifarkitError as exc:
+            print(f"report not written: {exc}; rerun with `cifarkit report {run_dir}`", file=sys.stderr)
     print(f"run directory: {run_dir}")
     print(f"test accuracy: {results['test_acc']:.4f} ({results['seconds']:.0f} s)")
+
+
+def cmd_report(args):
+    from .report import write_report
+    out = write_report(args.run_dir, n=args.n, method=args.method, out=args.out)
+    print(f"report: {out / 'index.html'}")
+
+
+def cmd_gradcam(args):
+    from .report import overlays_for_files
+    overlays_for_files(args.run_dir, args.images, args.layer, args.method, args.alpha, args.out)
 
 
 def cmd_test(args):
@@ -144,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model; prints the run directory and test accuracy")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+
+    p = sub.add_parser("report", help="figures, Grad-CAM and an HTML page for a run (RUN_DIR/report)")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=20, help="misclassified images to show")
+    p.add_argument("--method", default="gradcam", help="gradcam | gradcam++ | eigencam | layercam | scorecam")
+    p.add_argument("--out", help="report directory (default RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("gradcam", help="Grad-CAM overlays for your own images")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--layer", help="one of the model's Grad-CAM layers (default: the deepest)")
+    p.add_argument("--method", default="gradcam", help="gradcam | gradcam++ | eigencam | layercam | scorecam")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap weight in the blend, 0..1")
+    p.add_argument("--out", help="output directory (default RUN_DIR/gradcam)")
+    p.set_defaults(func=cmd_gradcam)
 
     p = sub.add_parser("test", help="test accuracy of a finished run")
     p.add_argument("run_dir")

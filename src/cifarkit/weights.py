@@ -32,11 +32,14 @@ class Loaded:
     std: list[float]
     meta: dict
 
+    def normalize(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 32, 32, 3) -> normalized float (B, 3, 32, 32), as in training."""
+        from .augment import Augment
+        return Augment(self.mean, self.std).normalize(torch.as_tensor(x))
+
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         """PIL images of any size/mode -> normalized (B, 3, 32, 32) float batch."""
-        arr = np.stack([np.asarray(to_rgb32(im), dtype=np.uint8) for im in images])  # (B, 32, 32, 3)
-        x = torch.from_numpy(arr).float() / 255
-        return ((x - torch.tensor(self.mean)) / torch.tensor(self.std)).permute(0, 3, 1, 2).contiguous()
+        return self.normalize(np.stack([np.asarray(to_rgb32(im), dtype=np.uint8) for im in images]))
 
     @torch.no_grad()
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Predictions over a split and what to learn from them: mistakes, confusion, per-class accuracy.
+
+Everything returns data (numpy arrays, a dataclass); plots.py draws them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CifarkitError
+from .weights import Loaded
+
+
+@dataclass
+class Predictions:
+    images: np.ndarray   # uint8 (N, 32, 32, 3)
+    labels: np.ndarray   # int64 (N,)
+    probs: np.ndarray    # float32 (N, K), softmax
+    classes: list[str]
+
+    @property
+    def preds(self) -> np.ndarray:
+        return self.probs.argmax(1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(1)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.preds == self.labels).mean())
+
+
+@torch.no_grad()
+def predict_arrays(model: Loaded, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> Predictions:
+    """Softmax probabilities of uint8 images (N, 32, 32, 3) in batches, model in eval mode."""
+    net = model.net.eval().to(memory_format=torch.channels_last)  # ~1.4x faster on CPU
+    probs = [torch.softmax(net(model.normalize(images[i:i + batch_size])).float(), 1)
+             for i in range(0, len(images), batch_size)]
+    return Predictions(images, np.asarray(labels), torch.cat(probs).numpy(), list(model.classes))
+
+
+def data_source(run_dir: Path) -> tuple[str | None, str]:
+    """(data path or None, dataset) a run was trained on, from results.json or config.yaml."""
+    import yaml
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    dataset = (cfg or {}).get("dataset", "cifar10")
+    res_file = run_dir / "results.json"
+    source = json.loads(res_file.read_text()).get("data") if res_file.is_file() else (cfg or {}).get("data")
+    if source and source.startswith("torchvision:"):
+        return None, source.split(":", 1)[1]
+    return source, dataset
+
+
+def load_test_split(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The test split of the data a run was trained on (decoded from the cache when possible)."""
+    from .data import load_arrays
+    source, dataset = data_source(Path(run_dir))
+    a = load_arrays(source, dataset)
+    return a.test_x, a.test_y
+
+
+def mistakes(p: Predictions, n: int | None = None, true: int | None = None, pred: int | None = None) -> np.ndarray:
+    """Indices of misclassified images, most confident first; optionally of one true/predicted class."""
+    wrong = p.preds != p.labels
+    if true is not None:
+        wrong &= p.labels == true
+    if pred is not None:
+        wrong &= p.preds == pred
+    idx = np.flatnonzero(wrong)
+    idx = idx[np.argsort(-p.confidence[idx], kind="stable")]
+    return idx if n is None else idx[:n]
+
+
+def correct(p: Predictions, n: int | None = None) -> np.ndarray:
+    """Indices of correctly classified images, most confident first."""
+    idx = np.flatnonzero(p.preds == p.labels)
+    idx = idx[np.argsort(-p.confidence[idx], kind="stable")]
+    return idx if n is None else idx[:n]
+
+
+def confusion(p: Predictions) -> np.ndarray:
+    """Counts (K, K): row = true class, column = predicted class."""
+    k = len(p.classes)
+    return np.bincount(p.labels * k + p.preds, minlength=k * k).reshape(k, k)
+
+
+def per_class_accuracy(conf: np.ndarray) -> np.ndarray:
+    return np.diag(conf) / np.maximum(conf.sum(1), 1)

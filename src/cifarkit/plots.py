@@ -1,0 +1,143 @@
+"""Pure matplotlib: each function takes data and returns a Figure (the caller saves or shows it)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def read_metrics(path: Path) -> dict:
+    """metrics.csv -> {'epoch': {name: [per-epoch values]}, 'lr': (steps, lrs), 'test': {name: v}}."""
+    epochs: dict[int, dict] = {}
+    steps, lrs, test = [], [], {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            vals = {k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("epoch", "step")}
+            if "lr" in vals:
+                steps.append(int(row["step"]))
+                lrs.append(vals.pop("lr"))
+            for k in [k for k in vals if k.startswith("test_")]:
+                test[k] = vals.pop(k)
+            if vals and row.get("epoch"):
+                epochs.setdefault(int(row["epoch"]), {}).update(vals)
+    names = sorted({k for e in epochs.values() for k in e})
+    order = sorted(epochs)
+    per_epoch = {n: [epochs[e].get(n, np.nan) for e in order] for n in names}
+    return {"epochs": [e + 1 for e in order], "epoch": per_epoch, "lr": (steps, lrs), "test": test}
+
+
+def curves(m: dict) -> Figure:
+    """The seed's 2x2: train/validation loss and accuracy per epoch, the test result marked."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    panels = [("train_loss", "Training loss"), ("val_loss", "Validation loss"),
+              ("train_acc", "Training accuracy"), ("val_acc", "Validation accuracy")]
+    x = m["epochs"]
+    for ax, (key, title) in zip(axes.flat, panels):
+        y = m["epoch"].get(key)
+        if y is not None and not np.all(np.isnan(y)):
+            ax.plot(x, y, marker="o", ms=3)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        test_key = "test_" + key.split("_")[1]
+        if key.startswith("val") and test_key in m["test"]:
+            ax.axhline(m["test"][test_key], color="C3", ls="--", label=f"test {m['test'][test_key]:.4f}")
+            ax.legend(loc="best")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def lr_schedule(steps: list[int], lrs: list[float]) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(steps, lrs)
+    ax.set(title="Learning rate per step", xlabel="optimizer step", ylabel="learning rate")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def lr_range_test(curve: dict) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(curve["lr"], curve["loss"])
+    ax.set_xscale("log")
+    s = curve.get("suggestion")
+    if s:
+        ax.axvline(s, color="C3", ls="--", label=f"suggestion {s:.3g}")
+        ax.legend()
+    ax.set(title="LR range test", xlabel="learning rate (log)", ylabel="loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(conf: np.ndarray, classes: list[str]) -> Figure:
+    """Row-normalized confusion matrix with class names, and per-class accuracy beside it."""
+    norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    k = len(classes)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [3, 1.2]})
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (rows sum to 1)")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    acc = np.diag(norm)
+    bx.barh(range(k), acc, color="C0")
+    bx.set_yticks(range(k), classes)
+    bx.invert_yaxis()
+    bx.set_xlim(0, 1)
+    bx.set_title("Per-class accuracy")
+    for i, a in enumerate(acc):
+        bx.text(min(a, 0.98), i, f"{a:.1%}", va="center", ha="right", fontsize=8, color="white")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: np.ndarray, titles: list[str], ncols: int = 5, colors: list[str] | None = None,
+               suptitle: str | None = None) -> Figure:
+    """uint8 images (N, H, W, 3) in a grid, each with a title."""
+    n = max(len(images), 1)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 2.5 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i])
+            ax.set_title(titles[i], fontsize=8, color=(colors or ["black"] * n)[i])
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def cam_grid(inputs: np.ndarray, rows: dict[str, np.ndarray], titles: list[str], suptitle: str = "") -> Figure:
+    """A row of inputs, then one row of overlays per layer (the seed's Grad-CAM grid)."""
+    n = len(inputs)
+    nrows = 1 + len(rows)
+    fig, axes = plt.subplots(nrows, n, figsize=(1.7 * n, 1.9 * nrows), squeeze=False)
+    for j in range(n):
+        axes[0, j].imshow(inputs[j])
+        axes[0, j].set_title(titles[j], fontsize=6)
+        for i, (layer, overlays) in enumerate(rows.items(), start=1):
+            axes[i, j].imshow(overlays[j])
+    for i, label in enumerate(["input", *rows]):
+        axes[i, 0].set_ylabel(label, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,190 @@
+"""A run's report: figures, an HTML page and a Markdown summary in RUN_DIR/report/.
+
+Each part is written on its own: a run without metrics still gets its confusion matrix, a run
+without weights still gets its curves, and the page says what is missing and why.
+"""
+from __future__ import annotations
+
+import html
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import analysis, explain, plots
+from .errors import CifarkitError
+
+CAM_COLUMNS = 10  # images per Grad-CAM grid: enough to see a pattern, small enough to read
+MAX_SHOWN = 100   # misclassified images in one grid
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+class Report:
+    def __init__(self, run_dir: Path, out: Path):
+        self.run_dir, self.out = run_dir, out
+        self.figures: list[tuple[str, str, str]] = []  # (file, title, caption)
+        self.notes: list[str] = []
+        self.tables: dict[str, list[tuple[str, str]]] = {}
+
+    def add(self, fig, name: str, title: str, caption: str) -> None:
+        _save(fig, self.out / name)
+        self.figures.append((name, title, caption))
+
+    def attempt(self, what: str, fn) -> None:
+        try:
+            fn()
+        except CifarkitError as exc:
+            self.notes.append(f"{what}: {exc}")
+        except FileNotFoundError as exc:
+            self.notes.append(f"{what}: missing {Path(exc.filename).name if exc.filename else exc}")
+
+
+def _curves(r: Report) -> None:
+    metrics = r.run_dir / "metrics.csv"
+    if not metrics.is_file():
+        raise CifarkitError("no metrics.csv in the run directory")
+    m = plots.read_metrics(metrics)
+    r.add(plots.curves(m), "curves.png", "Loss and accuracy",
+          "Training and validation loss and accuracy per epoch; the dashed line is the final test result.")
+    if m["lr"][0]:
+        r.add(plots.lr_schedule(*m["lr"]), "lr.png", "Learning rate",
+              "The one-cycle schedule, one point per optimizer step.")
+
+
+def _lr_find(r: Report) -> None:
+    curve_file = r.run_dir / "lr_find.json"
+    if curve_file.is_file():
+        curve = json.loads(curve_file.read_text())
+        r.add(plots.lr_range_test(curve), "lr_find.png", "LR range test",
+              f"Loss while the learning rate grows exponentially; the suggestion {curve['suggestion']:.3g} "
+              "(steepest descent) was the schedule's peak.")
+
+
+def _predictions(r: Report, n: int, method: str) -> None:
+    from .weights import load
+    model = load(r.run_dir)
+    images, labels = analysis.load_test_split(r.run_dir)
+    p = analysis.predict_arrays(model, images, labels)
+    conf = analysis.confusion(p)
+    per_class = analysis.per_class_accuracy(conf)
+    r.tables["Per-class test accuracy (single view)"] = [(c, f"{a:.2%}") for c, a in zip(p.classes, per_class)]
+    r.tables["Results"].append(("single-view test accuracy (this report)", f"{p.accuracy:.4f}"))
+    r.add(plots.confusion_matrix(conf, p.classes), "confusion.png", "Confusion matrix",
+          "Rows are true classes, normalized to sum to 1; the bars are per-class accuracy.")
+    wrong = analysis.mistakes(p, n)
+    if len(wrong) < n:
+        r.notes.append(f"misclassified: asked for {n}, the model made only {len(wrong)} mistakes")
+    titles = [f"{p.classes[p.labels[i]]} / {p.classes[p.preds[i]]} ({p.confidence[i]:.0%})" for i in wrong]
+    if len(wrong):
+        r.add(plots.image_grid(explain.upscale(images[wrong]), titles, colors=["C3"] * len(wrong)),
+              "misclassified.png", "Misclassified test images",
+              f"The {len(wrong)} most confident mistakes, titled actual / predicted (confidence); "
+              "32x32 images upscaled 4x, bicubic.")
+    for name, idx, what in (("gradcam.png", wrong[:CAM_COLUMNS], "misclassified"),
+                            ("gradcam_correct.png", analysis.correct(p, CAM_COLUMNS), "correctly classified")):
+        if len(idx) == 0:
+            continue
+        x = model.normalize(images[idx])
+        rows = {layer: explain.overlay(images[idx], explain.heatmaps(model.net, x, p.preds[idx], layer, method))
+                for layer in explain.cam_layers(model.net)}
+        cap = [f"{p.classes[p.labels[i]]} / {p.classes[p.preds[i]]}" for i in idx]
+        r.add(plots.cam_grid(explain.upscale(images[idx]), rows, cap), name, f"Grad-CAM, {what} images",
+              f"{method} for the predicted class, one row per layer (shallow to deep), jet colours blended "
+              "50/50; titles are actual / predicted.")
+
+
+def _write_pages(r: Report) -> None:
+    rows = "".join(f"<h2>{html.escape(t)}</h2><table>" +
+                   "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in tab) +
+                   "</table>" for t, tab in r.tables.items())
+    figs = "".join(f'<figure><h2>{html.escape(t)}</h2><img src="{f}" alt="{html.escape(t)}">'
+                   f"<figcaption>{html.escape(c)}</figcaption></figure>" for f, t, c in r.figures)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cifarkit report: "
+            f"{html.escape(r.run_dir.name)}</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;"
+            "margin:2em auto;padding:0 1em;color:#222}table{border-collapse:collapse}td{border:1px solid #ccc;"
+            "padding:3px 10px}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}"
+            f"</style></head><body><h1>Run {html.escape(r.run_dir.name)}</h1>{rows}"
+            + (f"<h2>Not in this report</h2><ul>{notes}</ul>" if notes else "") + figs + "</body></html>")
+    (r.out / "index.html").write_text(page)
+    md = [f"# Run {r.run_dir.name}", ""]
+    for t, tab in r.tables.items():
+        md += [f"## {t}", "", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in tab], ""]
+    md += [f"![{t}]({f})" for f, t, _ in r.figures]
+    md += ["", *[f"- not in this report: {n}" for n in r.notes]]
+    (r.out / "summary.md").write_text("\n".join(md) + "\n")
+
+
+def _settings(run_dir: Path) -> list[tuple[str, str]]:
+    rows = []
+    res_file = run_dir / "results.json"
+    if res_file.is_file():
+        res = json.loads(res_file.read_text())
+        for k in ("test_acc", "test_loss", "preset", "model", "epochs", "steps", "lr", "seconds", "data",
+                  "train_images", "seed", "tta", "precision", "cifarkit_version"):
+            if k in res:
+                v = res[k]
+                rows.append((k, f"{v:.4f}" if isinstance(v, float) and k.startswith("test") else str(v)))
+    return rows
+
+
+def write_report(run_dir: str | Path, n: int = 20, method: str = "gradcam", out: str | Path | None = None) -> Path:
+    """Write RUN_DIR/report/ (or `out`); returns its path. Raises only if nothing can be written."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CifarkitError(f"{run_dir} is not a run directory")
+    if not 1 <= n <= MAX_SHOWN:
+        raise CifarkitError(f"--n must be between 1 and {MAX_SHOWN}, got {n}")
+    explain._cam_class(method)  # an unknown method fails before any work
+    r = Report(run_dir, Path(out) if out else run_dir / "report")
+    try:
+        r.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CifarkitError(f"cannot write the report to {r.out}: {exc.strerror or exc}") from None
+    start = time.time()
+    r.tables["Results"] = _settings(run_dir)
+    r.attempt("curves", lambda: _curves(r))
+    r.attempt("LR range test", lambda: _lr_find(r))
+    r.attempt("predictions, mistakes and Grad-CAM", lambda: _predictions(r, n, method))
+    r.tables["Results"].append(("report seconds", f"{time.time() - start:.1f}"))
+    _write_pages(r)
+    return r.out
+
+
+def overlays_for_files(run_dir: str | Path, images: list[str], layer: str | None = None,
+                       method: str = "gradcam", alpha: float = 0.5, out: str | Path | None = None) -> list[Path]:
+    """`cifarkit gradcam`: an overlay PNG per readable image file; returns the written paths."""
+    from PIL import Image
+
+    from .weights import load, open_image, to_rgb32
+    model = load(run_dir)
+    layer = explain.resolve_layer(model.net, layer)
+    explain._cam_class(method)
+    out_dir = Path(out) if out else Path(run_dir) / "gradcam"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in images:
+        try:
+            arr = np.asarray(to_rgb32(open_image(path)), dtype=np.uint8)[None]  # (1, 32, 32, 3)
+        except CifarkitError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            continue
+        x = model.normalize(arr)
+        with torch.no_grad():
+            pred = int(model.net.eval()(x).argmax(1))
+        cam = explain.heatmaps(model.net, x, [pred], layer, method)
+        dest = out_dir / f"{Path(path).stem}-{layer}-{method}.png"
+        Image.fromarray(explain.overlay(arr, cam, alpha)[0]).save(dest)
+        written.append(dest)
+        print(f"{path}: predicted {model.classes[pred]} -> {dest}")
+    if not written:
+        raise CifarkitError(f"none of the {len(images)} images could be read")
+    return written

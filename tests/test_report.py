@@ -1,0 +1,89 @@
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarkit import CifarkitError
+from cifarkit.cli import main
+from cifarkit.report import write_report
+
+FIGURES = ["curves.png", "lr.png", "confusion.png", "misclassified.png", "gradcam.png", "gradcam_correct.png"]
+
+
+def _not_blank(path: Path):
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("L"), dtype=np.float32)
+    assert a.shape[0] > 100 and a.shape[1] > 100 and a.std() > 10, path.name
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run):
+    return write_report(tiny_run, n=20)
+
+
+def test_every_figure_exists_opens_and_is_not_blank(report):
+    for name in FIGURES:
+        _not_blank(report / name)
+
+
+def test_index_references_only_files_that_exist_and_holds_the_numbers(report, tiny_run):
+    page = (report / "index.html").read_text()
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert set(FIGURES) <= set(refs)
+    assert all((report / r).is_file() for r in refs)
+    assert "test_acc" in page and "Per-class" in page and "<script" not in page
+    summary = (report / "summary.md").read_text()
+    assert "test_acc" in summary and "automobile" in summary
+
+
+def test_run_without_weights_still_gets_its_curves(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model.safetensors", "report", "checkpoints"))
+    out = write_report(run)
+    assert (out / "curves.png").is_file() and not (out / "confusion.png").exists()
+    assert "no weights" in (out / "index.html").read_text()
+
+
+def test_run_without_metrics_still_gets_predictions(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("metrics.csv", "report", "checkpoints"))
+    out = write_report(run, n=3)
+    assert (out / "confusion.png").is_file() and not (out / "curves.png").exists()
+    assert "metrics.csv" in (out / "index.html").read_text()
+
+
+def test_more_mistakes_asked_than_made_is_noted(image_folder, tmp_path):
+    run = tmp_path / "toy-run"
+    assert main(["train", "--data", str(image_folder), "--model", "custom_resnet", "--epochs", "4",
+                 "--batch-size", "16", "--val-size", "0", "--lr", "0.05", "--out", str(run), "--no-report"]) == 0
+    out = write_report(run, n=40)                       # 16 test images: at most 16 mistakes
+    page = (out / "index.html").read_text()
+    assert "made only" in page and (out / "confusion.png").is_file()
+
+
+def test_report_rejects_bad_arguments(tiny_run, tmp_path):
+    with pytest.raises(CifarkitError, match="scorecam"):
+        write_report(tiny_run, method="nope", out=tmp_path / "x")
+    with pytest.raises(CifarkitError, match="between 1 and 100"):
+        write_report(tiny_run, n=0, out=tmp_path / "x")
+    with pytest.raises(CifarkitError, match="not a run directory"):
+        write_report(tmp_path / "missing")
+
+
+def test_gradcam_command_writes_overlays_and_skips_bad_images(tiny_run, tmp_path, capsys):
+    good = tmp_path / "plane.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 4), dtype=np.uint8), "RGBA").save(good)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(good.read_bytes()[:60])
+    out = tmp_path / "cams"
+    assert main(["gradcam", str(tiny_run), str(good), str(bad), "--layer", "block2", "--method", "gradcam++",
+                 "--alpha", "0.4", "--out", str(out)]) == 0
+    files = list(out.glob("*.png"))
+    assert [f.name for f in files] == ["plane-block2-gradcam++.png"]
+    assert Image.open(files[0]).size == (128, 128)
+    assert "broken.png" in capsys.readouterr().err
+    assert main(["gradcam", str(tiny_run), str(good), "--layer", "layer9"]) == 2
+    assert "block1, block2, block3" in capsys.readouterr().err
