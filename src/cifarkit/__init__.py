@@ -8,4 +8,11 @@ except PackageNotFoundError:  # running from a source tree
 
 from .errors import CifarkitError  # noqa: E402
 
-__all__ = ["CifarkitError", "__version__"]
+__all__ = ["CifarkitError", "__version__", "load"]
+
+
+def load(path):
+    """A ready model from a run directory, .safetensors file or Hub folder: eval mode, on the CPU,
+    with `.classes`, `.mean`/`.std`, `.preprocess(PIL images)` and `.probabilities(PIL images)`."""
+    from .weights import load as _load
+    return _load(path)

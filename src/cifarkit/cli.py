@@ -128,28 +128,31 @@ def cmd_summary(args):
 
 
 def cmd_predict(args):
-    from .weights import load, open_image
-    model = load(args.run_dir)
-    k = max(1, min(args.top_k, len(model.classes)))
-    results, failed = [], []
-    for path in args.images:
-        try:
-            probs = model.probabilities([open_image(path)])[0]
-        except CifarkitError as exc:
-            failed.append(str(exc))
-            continue
-        top = probs.topk(k)
-        results.append({"image": path, "top": [{"class": model.classes[i], "prob": round(float(p), 4)}
-                                               for p, i in zip(top.values, top.indices)]})
+    from .export import load_any
+    from .predict import collect_images, predict_files, write_csv
+    model = load_any(args.model)
+    paths, failed = collect_images(args.images)
+    results, errors = predict_files(model, paths, args.top_k, args.batch_size, progress=not args.json)
+    failed += errors
+    if args.csv:
+        write_csv(results, args.csv)
     if args.json:
         print(json.dumps({"predictions": results, "errors": failed}, indent=2))
     else:
-        for r in results:
+        for r in results[:50] if args.csv else results:
             print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]))
+        if args.csv:
+            print(f"{len(results)} predictions written to {args.csv}")
         for msg in failed:
             print(f"skipped: {msg}", file=sys.stderr)
-    if failed and not results:
-        raise CifarkitError(f"none of the {len(failed)} images could be read")
+    if not results:
+        raise CifarkitError(f"no image could be classified ({len(failed)} unreadable)")
+
+
+def cmd_export(args):
+    from .export import export
+    out = export(args.run_dir, args.format, args.out)
+    print(f"exported {args.format}: {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,12 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the registered models")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("predict", help="top classes of images under a trained run")
-    p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
+    p = sub.add_parser("predict", help="top classes of image files and folders, in batches")
+    p.add_argument("model", help="run directory, .safetensors, Hub folder or .onnx")
+    p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--csv", help="write all predictions to this CSV file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="safetensors, ONNX or a Hub-ready folder")
+    p.add_argument("run_dir", help="run directory or .safetensors file")
+    p.add_argument("--format", required=True, help="safetensors | onnx | hub")
+    p.add_argument("--out", required=True, help="output file or folder")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,0 +1,152 @@
+"""Share a trained model: safetensors with metadata, a single-file ONNX graph, a Hub-ready folder.
+
+The ONNX graph takes float32 RGB in [0, 1], shape (batch, 3, 32, 32), and normalizes inside, so a
+non-Python runtime needs no statistics; they are also in the graph's metadata.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CifarkitError
+from .weights import WEIGHTS_NAME, Loaded, load, save_weights, to_rgb32
+
+FORMATS = ("safetensors", "onnx", "hub")
+
+
+class Normalized(nn.Module):
+    """net((x - mean) / std) for x in [0, 1]: the graph users of other runtimes call."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x):  # (B, 3, 32, 32) in [0, 1]
+        return self.net((x - self.mean) / self.std)
+
+
+def _meta(m: Loaded) -> dict:
+    keep = ("model", "classes", "mean", "std", "input_size", "model_kwargs", "test_acc")
+    return {**{k: m.meta[k] for k in keep if k in m.meta}, "cifarkit_version": __version__}
+
+
+def export_safetensors(m: Loaded, out: Path) -> Path:
+    out = out if out.suffix == ".safetensors" else out / WEIGHTS_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(m.net, out, m.meta["model"], m.classes, m.mean, m.std, json.loads(m.meta.get("model_kwargs", "{}")),
+                 extra={k: v for k, v in m.meta.items() if k == "test_acc"})
+    return out
+
+
+def export_onnx(m: Loaded, out: Path) -> Path:
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise CifarkitError("ONNX export needs the extra: pip install 'cifarkit[export]'") from None
+    out = out if out.suffix == ".onnx" else out / "model.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    graph = Normalized(m.net.eval().to(memory_format=torch.contiguous_format), m.mean, m.std).eval()
+    example = torch.rand(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(graph, (example,), dynamo=True, external_data=False, verbose=False,
+                                    input_names=["image"], output_names=["logits"],
+                                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    program.save(str(out))
+    proto = onnx.load(str(out))
+    meta = {**_meta(m), "input": "float32 RGB in [0, 1], shape (batch, 3, 32, 32); normalized inside",
+            "output": "logits (batch, classes); softmax for probabilities"}
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=str(v))
+    onnx.save(proto, str(out))
+    return out
+
+
+def _model_card(m: Loaded, run_dir: Path | None) -> str:
+    res = {}
+    if run_dir and (run_dir / "results.json").is_file():
+        res = json.loads((run_dir / "results.json").read_text())
+    acc = res.get("test_acc", m.meta.get("test_acc"))
+    acc_text = f"{float(acc):.2%}" if acc is not None else "not recorded"
+    data = res.get("data", "unknown")
+    lines = ["---", "library_name: cifarkit", "tags: [image-classification, cifar10, pytorch-lightning]",
+             "pipeline_tag: image-classification", "---", "",
+             f"# {m.meta['model']} trained with cifarkit", "",
+             f"- Test accuracy: **{acc_text}** ({res.get('test_images', '?')} test images, "
+             f"test-time views level {res.get('tta', '?')})",
+             f"- Data: {data}", f"- Recipe: preset `{res.get('preset', '?')}`, {res.get('epochs', '?')} epochs, "
+             f"peak lr {res.get('lr', '?')}, seed {res.get('seed', '?')}, precision {res.get('precision', '?')}",
+             f"- Classes: {', '.join(m.classes)}", f"- Input: 32x32 RGB, normalized with mean {m.mean} and std {m.std}",
+             f"- cifarkit {__version__}", "", "## Use", "", "```python", "import cifarkit",
+             "model = cifarkit.load('path/to/this/folder')   # eval mode, CPU",
+             "probs = model.probabilities([PIL.Image.open('cat.jpg')])", "```", ""]
+    if "JPEG" in str(data) or "jpeg" in str(data):
+        lines.insert(8, "- Measured on CIFAR-10, JPEG-q75 copy (about 3 points below the original CIFAR-10)")
+    return "\n".join(lines)
+
+
+def export_hub(m: Loaded, out: Path, run_dir: Path | None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    export_safetensors(m, out / WEIGHTS_NAME)
+    config = {"model": m.meta["model"], "model_kwargs": json.loads(m.meta.get("model_kwargs", "{}")),
+              "classes": m.classes, "mean": m.mean, "std": m.std, "input_size": 32,
+              "cifarkit_version": __version__}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "README.md").write_text(_model_card(m, run_dir))
+    if run_dir and (run_dir / "results.json").is_file():
+        shutil.copy(run_dir / "results.json", out / "results.json")
+    return out
+
+
+def export(source: str | Path, fmt: str, out: str | Path) -> Path:
+    if fmt not in FORMATS:
+        raise CifarkitError(f"unknown format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    src = Path(source)
+    m = load(src)
+    run_dir = src if src.is_dir() else None
+    try:
+        if fmt == "safetensors":
+            return export_safetensors(m, Path(out))
+        if fmt == "onnx":
+            return export_onnx(m, Path(out))
+        return export_hub(m, Path(out), run_dir)
+    except OSError as exc:
+        raise CifarkitError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+class OnnxModel:
+    """An exported .onnx file behind the same interface as a loaded PyTorch model (for predict)."""
+
+    def __init__(self, path: str | Path):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CifarkitError("ONNX prediction needs the extra: pip install 'cifarkit[export]'") from None
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise CifarkitError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "classes" not in meta:
+            raise CifarkitError(f"{path} has no cifarkit metadata (classes)")
+        self.classes = json.loads(meta["classes"])
+
+    def probabilities(self, images) -> torch.Tensor:
+        x = np.stack([np.asarray(to_rgb32(im), dtype=np.float32) / 255 for im in images]).transpose(0, 3, 1, 2)
+        logits = torch.from_numpy(self.session.run(None, {"image": np.ascontiguousarray(x)})[0])
+        return torch.softmax(logits, dim=1)
+
+
+def load_any(path: str | Path):
+    """A PyTorch model (run dir, .safetensors, Hub folder) or an ONNX model (.onnx) for prediction."""
+    return OnnxModel(path) if str(path).endswith(".onnx") else load(path)
