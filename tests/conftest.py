@@ -76,3 +76,42 @@ def tiny_run(tmp_path_factory, cifar_path) -> Path:
     cfg = preset_config("fast", data=str(cifar_path), subset=1000, val_size=500, epochs=1,
                         batch_size=250, tta=0, out=str(out), eval_batch_size=2000)
     return fit(cfg)
+
+
+@pytest.fixture(scope="session")
+def reported_run(tiny_run) -> Path:
+    """tiny_run with its report, gallery.npz and examples/ written (what the app needs)."""
+    from cifarkit.report import write_report
+    write_report(tiny_run)
+    return tiny_run
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bad_images(folder: Path) -> dict[str, Path]:
+    """One file per kind of awkward upload, keyed by what it is."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    files = {}
+    def save(name, img, **kw):
+        files[name] = folder / name
+        img.save(files[name], **kw)
+    save("rgb.jpg", Image.fromarray(rgb))
+    save("gray.png", Image.fromarray(rgb[..., 0]))
+    save("rgba.png", Image.fromarray(np.dstack([rgb, rgb[..., :1]])))
+    save("palette.gif", Image.fromarray(rgb).convert("P"))
+    save("sixteen.png", Image.fromarray((rng.integers(0, 65535, (30, 30))).astype(np.uint16)))
+    save("one.png", Image.fromarray(rgb[:1, :1]))
+    (folder / "text.png").write_text("this is not an image")
+    files["text.png"] = folder / "text.png"
+    for name in ("rgb.jpg", "rgba.png"):
+        cut = folder / f"truncated-{name}"
+        cut.write_bytes(files[name].read_bytes()[: len(files[name].read_bytes()) // 2])
+        files[cut.name] = cut
+    return files

@@ -20,8 +20,8 @@ def _not_blank(path: Path):
 
 
 @pytest.fixture(scope="module")
-def report(tiny_run):
-    return write_report(tiny_run, n=20)
+def report(reported_run):
+    return reported_run / "report"
 
 
 def test_every_figure_exists_opens_and_is_not_blank(report):

@@ -1,10 +1,5 @@
 """cifarkit: train, explain and demo CIFAR-10 classifiers."""
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("cifarkit")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
+__version__ = "0.1.0"  # the one place the version lives (pyproject reads it)
 
 from .errors import CifarkitError  # noqa: E402
 

@@ -91,3 +91,45 @@ def confusion(p: Predictions) -> np.ndarray:
 
 def per_class_accuracy(conf: np.ndarray) -> np.ndarray:
     return np.diag(conf) / np.maximum(conf.sum(1), 1)
+
+
+# -- what the app shows without a dataset: a gallery of test images with their predictions -------
+
+GALLERY_NAME = "gallery.npz"
+EXAMPLES_DIR = "examples"
+
+
+def save_gallery(run_dir: Path, p: Predictions, max_mistakes: int = 2000, n_correct: int = 200,
+                 n_random: int = 200, seed: int = 0) -> Path:
+    """Store mistakes (most confident first), confident correct and random test images with their
+    probabilities, plus one example image per class, so the app needs only the run directory."""
+    run_dir = Path(run_dir)
+    rng = np.random.default_rng(seed)
+    picks = {"mistake": mistakes(p, max_mistakes), "correct": correct(p, n_correct),
+             "random": rng.choice(len(p.labels), size=min(n_random, len(p.labels)), replace=False)}
+    idx = np.concatenate(list(picks.values()))
+    kind = np.concatenate([np.full(len(v), k) for k, v in picks.items()])
+    out = run_dir / GALLERY_NAME
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, images=p.images[idx], labels=p.labels[idx], probs=p.probs[idx].astype(np.float16),
+                        kind=kind, classes=np.array(p.classes), index=idx)
+    tmp.replace(out)
+    ex_dir = run_dir / EXAMPLES_DIR
+    ex_dir.mkdir(exist_ok=True)
+    from PIL import Image
+    for c, name in enumerate(p.classes[:10] if len(p.classes) > 10 else p.classes):
+        first = np.flatnonzero(p.labels == c)
+        if len(first):
+            Image.fromarray(p.images[first[0]]).save(ex_dir / f"{c:02d}-{name}.png")
+    return out
+
+
+def load_gallery(run_dir: Path) -> Predictions | None:
+    """The stored gallery as Predictions (with a `.kind` array), or None when there is none."""
+    f = Path(run_dir) / GALLERY_NAME
+    if not f.is_file():
+        return None
+    with np.load(f) as z:
+        p = Predictions(z["images"], z["labels"], z["probs"].astype(np.float32), [str(c) for c in z["classes"]])
+        p.kind = z["kind"]
+    return p

@@ -155,6 +155,17 @@ def cmd_export(args):
     print(f"exported {args.format}: {out}")
 
 
+def cmd_app(args):
+    from .app import launch
+    launch(args.run_dir, host=args.host, port=args.port)
+
+
+def cmd_export_space(args):
+    from .space import export_space
+    out = export_space(args.run_dir, args.out_dir)
+    print(f"Space written to {out}; try it with: cd {out} && pip install -r requirements.txt && python app.py")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="cifarkit", description="Train, explain and demo CIFAR-10 classifiers.")
@@ -214,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, help="safetensors | onnx | hub")
     p.add_argument("--out", required=True, help="output file or folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("app", help="serve the Gradio app for a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("export-space", help="write a self-contained Hugging Face Space folder")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_export_space)
     return parser
 
 

@@ -73,6 +73,7 @@ def _predictions(r: Report, n: int, method: str) -> None:
     model = load(r.run_dir)
     images, labels = analysis.load_test_split(r.run_dir)
     p = analysis.predict_arrays(model, images, labels)
+    analysis.save_gallery(r.run_dir, p)  # what the app shows, without the dataset
     conf = analysis.confusion(p)
     per_class = analysis.per_class_accuracy(conf)
     r.tables["Per-class test accuracy (single view)"] = [(c, f"{a:.2%}") for c, a in zip(p.classes, per_class)]

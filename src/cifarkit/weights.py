@@ -21,7 +21,8 @@ from .errors import CifarkitError
 from .models import build_model
 
 WEIGHTS_NAME = "model.safetensors"
-MAX_PIXELS = 50_000_000  # larger uploads are refused rather than decoded
+MAX_PIXELS = 40_000_000  # larger uploads are refused rather than decoded (40 MP, e.g. 8000x5000)
+Image.MAX_IMAGE_PIXELS = 2 * MAX_PIXELS  # Pillow's own bomb guard stays above ours
 
 
 @dataclass
@@ -67,16 +68,20 @@ def to_rgb32(img: Image.Image, size: int = 32) -> Image.Image:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, or raise a one-line CifarkitError."""
+    """Open and fully decode an image file, or raise a one-line CifarkitError.
+
+    The size is checked from the header, before decoding, so a huge image costs nothing."""
     try:
-        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
         img = Image.open(path)
+        if img.width * img.height > MAX_PIXELS:
+            raise CifarkitError(f"image {Path(path).name} is {img.width}x{img.height}: over the "
+                                f"{MAX_PIXELS:,}-pixel limit; downscale it first")
         img.load()
         return img
     except FileNotFoundError:
         raise CifarkitError(f"no such image: {path}") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
-        raise CifarkitError(f"cannot read image {path}: {str(exc).splitlines()[0]}") from None
+        raise CifarkitError(f"cannot read image {Path(path).name}: {str(exc).splitlines()[0]}") from None
 
 
 def save_weights(net: nn.Module, path: Path, model: str, classes: list[str], mean, std,

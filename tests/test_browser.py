@@ -1,0 +1,78 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright. Screenshots are kept in
+artifacts/screenshots/ (or $CIFARKIT_ARTIFACTS) for people to look at."""
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    d = Path(os.environ.get("CIFARKIT_ARTIFACTS", ROOT / "artifacts")) / "screenshots"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def page(reported_run):
+    from playwright.sync_api import sync_playwright
+
+    from cifarkit.app import launch
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: apt-get install -y chromium"
+    port = free_port()
+    demo = launch(reported_run, port=port, prevent_thread_lock=True, quiet=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1280, "height": 1000})
+        pg.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        yield pg
+        browser.close()
+    demo.close()
+
+
+def test_upload_classify_shows_top_k_and_the_overlay(page, reported_run, shots):
+    example = sorted((reported_run / "examples").glob("*.png"))[3]
+    page.locator("#input-image input[type=file]").set_input_files(str(example))
+    page.click("#classify")
+    page.wait_for_selector("#overlay img", timeout=60_000)
+    text = page.locator("#prediction").inner_text()
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert sum(c in text for c in classes) == 3          # the default top-3, not all ten
+    assert page.locator("#overlay img").get_attribute("src")
+    page.screenshot(path=str(shots / "classify.png"), full_page=True)
+
+
+def test_bad_upload_shows_a_message_not_a_trace(page, tmp_path, shots):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 50)
+    page.get_by_role("tab", name="Classify").click()
+    page.locator("#input-image input[type=file]").set_input_files(str(bad))
+    page.wait_for_timeout(500)
+    page.click("#classify")
+    toast = page.get_by_text("cannot read image", exact=False).first
+    toast.wait_for(timeout=30_000)
+    assert "Traceback" not in page.content()
+    page.screenshot(path=str(shots / "bad-upload.png"), full_page=True)
+
+
+@pytest.mark.parametrize("tab,button,gallery", [("Mistakes", "#show-mistakes", "#mistakes"),
+                                                 ("Grad-CAM gallery", "#show-gradcam", "#gradcam-gallery")])
+def test_gallery_tabs_fill_with_images(page, shots, tab, button, gallery):
+    page.get_by_role("tab", name=tab).click()
+    page.click(button)
+    page.wait_for_selector(f"{gallery} img", timeout=60_000)
+    assert page.locator(f"{gallery} img").count() >= 4
+    page.screenshot(path=str(shots / f"{tab.lower().replace(' ', '-')}.png"), full_page=True)
+
+
+def test_run_tab_shows_accuracy_and_figures(page, shots):
+    page.get_by_role("tab", name="Run").click()
+    page.get_by_text("Test accuracy", exact=False).first.wait_for(timeout=10_000)
+    assert page.locator("img").count() >= 2
+    page.screenshot(path=str(shots / "run.png"), full_page=True)
