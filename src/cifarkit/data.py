@@ -126,7 +126,8 @@ def _read_tar(path: Path) -> Arrays:
                 elif name.lower().endswith(IMAGE_SUFFIXES):
                     images.append((m.name, tar.extractfile(m).read()))
     except Exception as exc:  # TarError, EOFError, zlib.error, OSError: all mean a bad archive
-        raise CifarkitError(f"cannot read archive {path}: {exc} (truncated or not a .tar.gz?); "
+        reason = str(exc).splitlines()[0].rstrip(":")  # tarfile lists each compression it tried
+        raise CifarkitError(f"cannot read archive {path}: {reason} (truncated or not a .tar.gz?); "
                             "download it again") from None
     if "batches.meta" in py or {"meta", "train", "test"} <= set(py):
         return _python_batches(py, str(path))
@@ -168,21 +169,47 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+CACHE_VERSION = 2  # bump when the cached arrays' meaning changes: older caches are rebuilt
+
+
+def _checksum(a: Arrays) -> str:
+    """sha1 over every array and the class names (~0.1 s for all of CIFAR-10)."""
+    h = hashlib.sha1()
+    for x in (a.train_x, a.train_y, a.test_x, a.test_y):
+        h.update(np.ascontiguousarray(x).data)
+    h.update("\n".join(a.classes).encode())
+    return h.hexdigest()
+
+
 def _save_cache(file: Path, a: Arrays) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp.npz")
-    np.savez(tmp, train_x=a.train_x, train_y=a.train_y, test_x=a.test_x, test_y=a.test_y,
-             classes=np.array(a.classes), source=np.array(a.source))
-    os.replace(tmp, file)  # atomic: a killed write never leaves a half cache
+    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.npz")  # per process: ranks may race
+    try:
+        np.savez(tmp, train_x=a.train_x, train_y=a.train_y, test_x=a.test_x, test_y=a.test_y,
+                 classes=np.array(a.classes), source=np.array(a.source),
+                 version=np.array(CACHE_VERSION), checksum=np.array(_checksum(a)))
+        os.replace(tmp, file)  # atomic: a killed write never leaves a half cache
+    except OSError as exc:  # a cache is an optimization: a full disk must not stop training
+        tmp.unlink(missing_ok=True)
+        print(f"notice: could not write the data cache {file}: {exc.strerror or exc}", file=sys.stderr)
 
 
 def _load_cache(file: Path) -> Arrays | None:
+    """The cached arrays, or None (with a notice) when the file is corrupt, stale or unreadable."""
     try:
         with np.load(file) as z:
-            return Arrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
-                          [str(c) for c in z["classes"]], str(z["source"]))
-    except Exception:
-        return None  # unreadable or stale: decode again
+            if "version" not in z or int(z["version"]) != CACHE_VERSION:
+                problem = "from an older cifarkit"
+            else:
+                a = Arrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
+                           [str(c) for c in z["classes"]], str(z["source"]))
+                if _checksum(a) == str(z["checksum"]):
+                    return a
+                problem = "corrupt (checksum mismatch)"
+    except Exception as exc:
+        problem = f"unreadable ({type(exc).__name__})"
+    print(f"notice: data cache {file} is {problem}; decoding the source again", file=sys.stderr)
+    return None
 
 
 def _torchvision(dataset: str) -> Arrays:
