@@ -173,8 +173,8 @@ def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = Non
     if not cfg_file.is_file():
         raise CifarkitError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = TrainConfig.from_yaml(cfg_file)
-    loaded = load(run_dir)
     dm = build_datamodule(TrainConfig.from_dict({**cfg.__dict__, "data": data or cfg.data}))
+    loaded = load(run_dir, expect=(cfg.model, len(dm.classes)))
     dm.augment = Augment(loaded.mean, loaded.std)  # the statistics the weights were trained with
     level = cfg.tta if tta is None else tta
     module = LitClassifier(loaded.net.to(memory_format=torch.channels_last), len(loaded.classes), tta=level)
