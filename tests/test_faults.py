@@ -162,11 +162,16 @@ for i in range(10_000):
 
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(last)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline()  # one checkpoint is complete; the next ones are being written
-    time.sleep(0.7)
-    proc.kill()
-    proc.communicate()
+    for delay in (0.3, 0.5, 0.7, 0.9, 1.1):  # until a kill lands mid-write (a partial file is left)
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(last)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline()  # one checkpoint is complete; the next ones are being written
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        if list(last.parent.glob(".last.ckpt.*.tmp")):
+            break
+    else:
+        pytest.fail("no kill landed during a write")
     ckpt = read_checkpoint(last)
     assert torch.equal(ckpt["w"], torch.full((16_000_000,), float(ckpt["global_step"])))
 
