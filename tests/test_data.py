@@ -3,13 +3,15 @@ import os
 import pickle
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cifarkit import CifarkitError
-from cifarkit.data import CIFARDataModule, balanced_subset, load_arrays, split_train_val
+from cifarkit.cli import main
+from cifarkit.data import CIFARDataModule, balanced_subset, cache_dir, load_arrays, split_train_val
 from conftest import CLASSES, make_image_folder
 
 
@@ -125,3 +127,45 @@ def test_datamodule_yields_uint8_batches_and_device_side_augmentation(image_fold
     out = dm.augment(x, idx)
     assert out.shape == (8, 3, 32, 32)
     assert len(dm.val_idx) == 8 and len(dm.train_idx) == 40
+
+
+def _cache_file(source: Path) -> Path:
+    return next(p for p in cache_dir().glob(f"{source.name}-*.npz"))
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, capsys):
+    src = make_image_folder(tmp_path / "corrupt", n_train=3, n_test=1)
+    fresh = load_arrays(str(src))
+    file = _cache_file(src)
+    raw = bytearray(file.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(64)  # zeros over part of the image data
+    file.write_bytes(bytes(raw))
+    again = load_arrays(str(src))
+    assert "data cache" in capsys.readouterr().err
+    assert np.array_equal(again.train_x, fresh.train_x) and again.classes == fresh.classes
+    assert np.array_equal(load_arrays(str(src)).train_x, fresh.train_x)  # the rebuilt cache is good
+
+
+def test_stale_cache_is_detected_by_checksum_and_rebuilt(tmp_path, capsys):
+    src = make_image_folder(tmp_path / "stale", n_train=3, n_test=1)
+    fresh = load_arrays(str(src))
+    file = _cache_file(src)
+    with np.load(file) as z:
+        parts = dict(z)
+    parts["train_x"] = parts["train_x"][::-1].copy()  # a well-formed file whose arrays changed
+    np.savez(file, **parts)
+    assert np.array_equal(load_arrays(str(src)).train_x, fresh.train_x)
+    assert "checksum mismatch" in capsys.readouterr().err
+    del parts["version"]  # a cache from before checksums
+    np.savez(file, **parts)
+    assert np.array_equal(load_arrays(str(src)).train_x, fresh.train_x)
+    assert "older cifarkit" in capsys.readouterr().err
+
+
+def test_wrong_archive_is_a_clear_one_line_error(tmp_path, capsys):
+    png = tmp_path / "cat.tar.gz"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    code = main(["train", "--data", str(png), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot read archive" in err[0] and "not a .tar.gz" in err[0]
+    assert not (tmp_path / "r").exists()

@@ -80,9 +80,24 @@ def test_one_cycle_ends_exactly_on_the_trainers_last_step(image_folder, tmp_path
     assert rec.lrs[-1] == pytest.approx(0.2 / 10 / 100, rel=1e-6)   # the last step uses the final lr
 
 
-def test_whitening_bias_trains_only_for_its_epochs_and_lookahead_runs(image_folder, tmp_path):
+class RecordBias(L.Callback):
+    def __init__(self):
+        self.biases = []
+
+    def on_train_epoch_end(self, trainer, module):
+        self.biases.append(module.net.whiten.bias.detach().clone())
+
+
+def test_whitening_bias_trains_only_for_its_epochs(image_folder, tmp_path):
+    rec = RecordBias()
+    _, module = _fit(image_folder, tmp_path, epochs=3, callbacks=[rec], whiten_bias_epochs=1)
+    assert not torch.equal(rec.biases[0], torch.zeros_like(rec.biases[0]))  # trained in epoch 0
+    assert torch.equal(rec.biases[0], rec.biases[1]) and torch.equal(rec.biases[1], rec.biases[2])
+    assert module.net.whiten.bias.requires_grad  # frozen by its gradient: DDP's parameter set is fixed
+
+
+def test_lookahead_runs_and_the_last_step_makes_the_net_the_average(image_folder, tmp_path):
     trainer, module = _fit(image_folder, tmp_path, epochs=3, whiten_bias_epochs=1, lookahead=True)
-    assert module.net.whiten.bias.requires_grad is False
     assert module._ema is not None
     for k, v in module.net.state_dict().items():    # after the last step the net is the average
         if v.dtype.is_floating_point:

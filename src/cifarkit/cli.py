@@ -7,7 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import CifarkitError
+from .errors import CifarkitError, RunInterrupted
+
+MACHINE_FIELDS = ("accelerator", "devices", "num_nodes", "strategy", "num_workers")  # --resume may change
 
 TRAIN_OPTIONS = {  # flag -> (TrainConfig field, type, help)
     "--model": ("model", str, "architecture (see `cifarkit summary --list`)"),
@@ -21,7 +23,10 @@ TRAIN_OPTIONS = {  # flag -> (TrainConfig field, type, help)
     "--seed": ("seed", int, "random seed"),
     "--out": ("out", str, "run directory (default runs/<preset>-<time>)"),
     "--accelerator": ("accelerator", str, "auto | cpu | gpu ..."),
-    "--devices": ("devices", str, "auto, a count, or a list like 0,1"),
+    "--devices": ("devices", str, "auto, a count, or a list like 0,1 (per node)"),
+    "--num-nodes": ("num_nodes", int, "machines in a multi-node DDP run"),
+    "--strategy": ("strategy", str, "auto | ddp | ... (Lightning's strategy names)"),
+    "--ckpt-every-steps": ("ckpt_every_steps", int, "also checkpoint every N steps (default: every epoch)"),
     "--precision": ("precision", str, "auto | 32-true | bf16-mixed | 16-mixed"),
     "--logger": ("logger", str, "csv | tensorboard (metrics.csv is always written)"),
     "--num-workers": ("num_workers", int, "DataLoader workers (per-sample augmentation only)"),
@@ -70,16 +75,50 @@ def config_from_args(args):
 # -- commands -----------------------------------------------------------------------------------
 
 
+def resume_config(args):
+    """RUN_DIR's own config; only the machine it runs on may change."""
+    from .presets import TrainConfig
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise CifarkitError(f"{run_dir} is not a run directory (no config.yaml); give the RUN_DIR "
+                            "a `cifarkit train` printed")
+    given = [flag for flag, (field, _, _) in TRAIN_OPTIONS.items()
+             if getattr(args, flag[2:].replace("-", "_")) is not None and field not in MACHINE_FIELDS]
+    given += [f"--{name}" for name in ("preset", "config", "augment") if getattr(args, name)]
+    if given:
+        raise CifarkitError(f"--resume continues {run_dir} as it was configured; drop {', '.join(given)} "
+                            "(only --accelerator, --devices, --num-nodes, --strategy, --num-workers may change)")
+    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+    for field in MACHINE_FIELDS:
+        value = getattr(args, field)
+        if value is not None:
+            setattr(cfg, field, _devices(value) if field == "devices" else value)
+    cfg.out = str(run_dir)
+    return cfg
+
+
+def _report(run_dir: Path, args) -> None:
+    if args.no_report:
+        return
+    from .report import write_report
+    try:
+        print(f"report: {write_report(run_dir) / 'index.html'}")
+    except CifarkitError as exc:
+        print(f"report not written: {exc}; rerun with `cifarkit report {run_dir}`", file=sys.stderr)
+
+
 def cmd_train(args):
-    from .train import fit
-    run_dir = fit(config_from_args(args))
+    from .train import fit, is_follower
+    try:
+        run_dir = fit(resume_config(args), resume=True) if args.resume else fit(config_from_args(args))
+    except RunInterrupted as exc:
+        if not is_follower() and (Path(exc.run_dir) / "metrics.csv").is_file():
+            _report(Path(exc.run_dir), args)  # what there is: curves so far
+        raise
+    if is_follower():
+        return  # rank 0 reports
     results = json.loads((run_dir / "results.json").read_text())
-    if not args.no_report:
-        from .report import write_report
-        try:
-            print(f"report: {write_report(run_dir) / 'index.html'}")
-        except CifarkitError as exc:
-            print(f"report not written: {exc}; rerun with `cifarkit report {run_dir}`", file=sys.stderr)
+    _report(run_dir, args)
     print(f"run directory: {run_dir}")
     print(f"test accuracy: {results['test_acc']:.4f} ({results['seconds']:.0f} s)")
 
@@ -174,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model; prints the run directory and test accuracy")
     _add_train_options(p)
-    p.set_defaults(func=cmd_train)
-
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="figures, Grad-CAM and an HTML page for a run (RUN_DIR/report)")
     p.add_argument("run_dir")
@@ -239,14 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> str:
+    """' (rank N)' in the processes of a multi-process run other than rank 0 (as train.is_follower)."""
+    ranks = [os.environ.get(v) or "0" for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")]
+    nonzero = [r for r in ranks if r != "0"]
+    return f" (rank {nonzero[0]})" if nonzero else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except CifarkitError as exc:
-        print(f"cifarkit: error: {exc}", file=sys.stderr)
+        print(f"cifarkit: error{_rank()}: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        if not _rank():
+            print(f"cifarkit: interrupted: {exc.how}; what was saved is in {exc.run_dir}", file=sys.stderr)
+            print(f"resume with: cifarkit train --resume {exc.run_dir}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("cifarkit: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import pickle
 import sys
@@ -19,13 +20,14 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from .augment import Augment
 from .errors import CifarkitError
 
 SIZE = 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+RECORD_BATCHES = "CIFARKIT_RECORD_BATCHES"  # env: a folder to record each rank's training indices
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck")
 
@@ -126,7 +128,8 @@ def _read_tar(path: Path) -> Arrays:
                 elif name.lower().endswith(IMAGE_SUFFIXES):
                     images.append((m.name, tar.extractfile(m).read()))
     except Exception as exc:  # TarError, EOFError, zlib.error, OSError: all mean a bad archive
-        raise CifarkitError(f"cannot read archive {path}: {exc} (truncated or not a .tar.gz?); "
+        reason = str(exc).splitlines()[0].rstrip(":")  # tarfile lists each compression it tried
+        raise CifarkitError(f"cannot read archive {path}: {reason} (truncated or not a .tar.gz?); "
                             "download it again") from None
     if "batches.meta" in py or {"meta", "train", "test"} <= set(py):
         return _python_batches(py, str(path))
@@ -168,21 +171,47 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+CACHE_VERSION = 2  # bump when the cached arrays' meaning changes: older caches are rebuilt
+
+
+def _checksum(a: Arrays) -> str:
+    """sha1 over every array and the class names (~0.1 s for all of CIFAR-10)."""
+    h = hashlib.sha1()
+    for x in (a.train_x, a.train_y, a.test_x, a.test_y):
+        h.update(np.ascontiguousarray(x).data)
+    h.update("\n".join(a.classes).encode())
+    return h.hexdigest()
+
+
 def _save_cache(file: Path, a: Arrays) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp.npz")
-    np.savez(tmp, train_x=a.train_x, train_y=a.train_y, test_x=a.test_x, test_y=a.test_y,
-             classes=np.array(a.classes), source=np.array(a.source))
-    os.replace(tmp, file)  # atomic: a killed write never leaves a half cache
+    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.npz")  # per process: ranks may race
+    try:
+        np.savez(tmp, train_x=a.train_x, train_y=a.train_y, test_x=a.test_x, test_y=a.test_y,
+                 classes=np.array(a.classes), source=np.array(a.source),
+                 version=np.array(CACHE_VERSION), checksum=np.array(_checksum(a)))
+        os.replace(tmp, file)  # atomic: a killed write never leaves a half cache
+    except OSError as exc:  # a cache is an optimization: a full disk must not stop training
+        tmp.unlink(missing_ok=True)
+        print(f"notice: could not write the data cache {file}: {exc.strerror or exc}", file=sys.stderr)
 
 
 def _load_cache(file: Path) -> Arrays | None:
+    """The cached arrays, or None (with a notice) when the file is corrupt, stale or unreadable."""
     try:
         with np.load(file) as z:
-            return Arrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
-                          [str(c) for c in z["classes"]], str(z["source"]))
-    except Exception:
-        return None  # unreadable or stale: decode again
+            if "version" not in z or int(z["version"]) != CACHE_VERSION:
+                problem = "from an older cifarkit"
+            else:
+                a = Arrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
+                           [str(c) for c in z["classes"]], str(z["source"]))
+                if _checksum(a) == str(z["checksum"]):
+                    return a
+                problem = "corrupt (checksum mismatch)"
+    except Exception as exc:
+        problem = f"unreadable ({type(exc).__name__})"
+    print(f"notice: data cache {file} is {problem}; decoding the source again", file=sys.stderr)
+    return None
 
 
 def _torchvision(dataset: str) -> Arrays:
@@ -288,6 +317,29 @@ def as_batch(batch):
     return batch  # __getitems__ already built the batch
 
 
+class EpochShuffle(RandomSampler):
+    """A shuffle that is a function of (seed, epoch) alone, and can start part-way into an epoch.
+
+    The order never draws on the global RNG, so a run resumed from a mid-epoch checkpoint sees
+    exactly the batches the uninterrupted run would have. Under DDP Lightning swaps it for its
+    DistributedSampler (it is a RandomSampler), which is seeded by epoch too.
+    """
+
+    def __init__(self, data_source, seed: int = 0, epoch: int = 0, start: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch, self.start = seed, epoch, start  # start: samples already trained
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.data_source), generator=g)[self.start:]
+        self.start = 0  # the next pass over this epoch (or the next epoch) is whole
+        yield from order.tolist()
+
+
 class CIFARDataModule(L.LightningDataModule):
     def __init__(self, data: str | None = None, dataset: str = "cifar10", batch_size: int = 512,
                  val_size: int = 5000, subset: int | None = None, seed: int = 0,
@@ -297,6 +349,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.val_size, self.subset, self.seed = val_size, subset, seed
         self.augment_cfg, self.eval_batch_size, self.num_workers = augment or {}, eval_batch_size, num_workers
         self.arrays: Arrays | None = None
+        self._position = self._resume_at = (0, 0)  # (epoch, training batches done in it)
 
     def prepare(self) -> "CIFARDataModule":
         """Load (cached) arrays and make the splits; safe to call more than once."""
@@ -315,32 +368,67 @@ class CIFARDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None):
         self.prepare()
 
-    def _loader(self, x, y, shuffle, batch_size, transform=None):
+    def _loader(self, x, y, batch_size, transform=None, sampler=None):
         ds = UInt8Batches(torch.from_numpy(x), torch.from_numpy(y), transform)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=False,
+        # its own generator: starting an iterator must not draw on the global RNG (augmentation does)
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=False,
                           collate_fn=as_batch, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self):
         a = self.arrays
-        return self._loader(a.train_x[self.train_idx], a.train_y[self.train_idx], True,
-                            self.batch_size, self.augment.per_sample())
+        ds_x, ds_y = a.train_x[self.train_idx], a.train_y[self.train_idx]
+        epoch, batches = self._position = self._resume_at  # each fit counts from where it starts
+        self._resume_at = (0, 0)
+        sampler = EpochShuffle(range(len(ds_y)), self.seed, epoch, batches * self.batch_size)
+        if RECORD_BATCHES in os.environ:
+            self._record_file().unlink(missing_ok=True)  # a new fit (the LR range test is one)
+        return self._loader(ds_x, ds_y, self.batch_size, self.augment.per_sample(), sampler)
 
     def val_dataloader(self):
         a = self.arrays
         if len(self.val_idx) == 0:
             return []
-        return self._loader(a.train_x[self.val_idx], a.train_y[self.val_idx], False, self.eval_batch_size)
+        return self._loader(a.train_x[self.val_idx], a.train_y[self.val_idx], self.eval_batch_size)
 
     def test_dataloader(self):
         a = self.arrays
-        return self._loader(a.test_x, a.test_y, False, self.eval_batch_size)
+        return self._loader(a.test_x, a.test_y, self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y, idx = batch
         training = self.trainer is not None and self.trainer.training
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return self.augment(x, idx, epoch) if training else self.augment.normalize(x), y
+        if not training:
+            return self.augment.normalize(x), y
+        done_epoch, done = self._position
+        self._position = (epoch, done + 1 if done_epoch == epoch else 1)
+        if RECORD_BATCHES in os.environ:
+            self._record(epoch, idx)
+        return self.augment(x, idx, epoch), y
+
+    # -- resuming: where the training order stands, saved in every checkpoint -----------------
+
+    def state_dict(self) -> dict:
+        epoch, batches = self._position
+        if batches >= math.ceil(len(self.train_idx) / self.batch_size):
+            epoch, batches = epoch + 1, 0  # an epoch-end checkpoint: the next epoch starts whole
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_at = self._position = (int(state["epoch"]), int(state["batches"]))
+
+    def _record_file(self) -> Path:
+        """Debugging aid: $CIFARKIT_RECORD_BATCHES/rank<R>.txt, one line per training batch of the
+        latest fit: the epoch, then the sample indices (into the training split) of the batch."""
+        out = Path(os.environ[RECORD_BATCHES])
+        out.mkdir(parents=True, exist_ok=True)
+        return out / f"rank{self.trainer.global_rank}.txt"
+
+    def _record(self, epoch: int, idx: torch.Tensor) -> None:
+        with open(self._record_file(), "a") as f:
+            f.write(f"{epoch} " + " ".join(map(str, idx.tolist())) + "\n")
 
     def sample_images(self, n: int = 5000) -> torch.Tensor:
         """The first n training images, normalized (N, 3, 32, 32): for data-dependent inits."""

@@ -16,10 +16,14 @@ def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule, traine
     """Run the range test on a throwaway trainer; returns (suggested lr, curve dict, Figure).
 
     The module's weights come back as they were (Lightning restores them); lookahead is off
-    during the sweep so it does not average the sweep's weights.
+    during the sweep so it does not average the sweep's weights. The sweep runs on one device
+    even when training will use several (it runs before DDP starts).
     """
+    devices = trainer_kwargs.get("devices", "auto")
+    one = [devices[0]] if isinstance(devices, (list, tuple)) else 1
     trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
-                           "max_epochs": None, "max_steps": -1, "callbacks": []})
+                           "max_epochs": None, "max_steps": -1, "callbacks": [],
+                           "devices": one, "num_nodes": 1, "strategy": "auto"})
     lookahead = module.hparams.get("lookahead", False)
     module.hparams.lookahead = False
     try:

@@ -5,6 +5,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
@@ -40,8 +41,13 @@ class LitClassifier(L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.lr = lr  # the range test may replace it before fit; configure_optimizers reads it
+        self.steps: int | None = None  # optimizer steps of the run when it ends part-way into an epoch
         self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro")
                                                        for _ in range(3))
+        # epoch means of training metrics live in checkpoints: a mid-epoch resume keeps the whole epoch
+        self.train_loss = MeanMetric()
+        for m in (self.train_loss, self.train_acc):
+            m.persistent(True)
         self._ema: dict[str, torch.Tensor] | None = None
 
     def forward(self, x):
@@ -54,7 +60,8 @@ class LitClassifier(L.LightningModule):
         logits = self.net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits, y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.train_loss(loss.detach().float(), weight=len(y))
+        self.log("train_loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -86,12 +93,16 @@ class LitClassifier(L.LightningModule):
                                weight_decay=hp.weight_decay / hp.bias_lr_scale))
         return groups
 
+    def total_steps(self) -> int:
+        return self.steps or int(self.trainer.estimated_stepping_batches)
+
     def configure_optimizers(self):
         hp = self.hparams
+        self.lr = float(self.trainer.strategy.broadcast(self.lr, src=0))  # every rank takes rank 0's
         groups = self._param_groups()
         opt = torch.optim.SGD(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in groups], total_steps=int(self.trainer.estimated_stepping_batches),
+            opt, max_lr=[g["lr"] for g in groups], total_steps=self.total_steps(),
             pct_start=hp.pct_start, anneal_strategy="cos" if hp.schedule == "cosine" else "linear",
             div_factor=hp.div_factor, final_div_factor=hp.final_div_factor,
             cycle_momentum=hp.cycle_momentum, three_phase=False)
@@ -99,15 +110,29 @@ class LitClassifier(L.LightningModule):
 
     # -- fast-recipe hooks -----------------------------------------------------------------------
 
-    def on_train_epoch_start(self):
-        stem = getattr(self.net, "whiten", None)
-        if stem is not None and stem.bias is not None:
-            stem.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
+    def on_train_start(self):
+        if self._ema is not None:  # restored from a checkpoint, on the CPU
+            self._ema = {k: v.to(self.device) for k, v in self._ema.items()}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if not self.hparams.lookahead:
-            return
-        step, total = self.global_step, int(self.trainer.estimated_stepping_batches)
+    def on_train_epoch_start(self):
+        self.train_loss.reset()  # a fresh epoch: forget state restored from an epoch-end checkpoint
+        self.train_acc.reset()
+
+    def on_before_optimizer_step(self, optimizer):
+        # The whitening stem's bias trains for its first epochs only. Dropping its gradient (SGD then
+        # skips it) rather than toggling requires_grad keeps DDP's set of trained parameters fixed.
+        stem = getattr(self.net, "whiten", None)
+        if stem is not None and stem.bias is not None and self.current_epoch >= self.hparams.whiten_bias_epochs:
+            stem.bias.grad = None
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # here rather than in on_train_batch_end: a checkpoint taken after this step includes it
+        if self.hparams.lookahead:
+            self._lookahead_step(self.global_step + 1)  # Lightning counts the step after this hook
+
+    def _lookahead_step(self, step: int) -> None:
+        total = self.total_steps()
         if self._ema is None:
             self._ema = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         if step >= total:

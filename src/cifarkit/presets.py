@@ -50,7 +50,10 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     accelerator: str = "auto"
-    devices: Any = "auto"
+    devices: Any = "auto"              # per node; DDP: batch_size is per device
+    num_nodes: int = 1
+    strategy: str = "auto"             # auto | ddp | ... (Lightning's strategies)
+    ckpt_every_steps: int = 0          # also refresh checkpoints/last.ckpt every N steps (0: epochs only)
     precision: str = "auto"            # auto: bf16-mixed where it is faster, else 32-true
     logger: str = "csv"                # csv | tensorboard (metrics.csv is always written)
     eval_batch_size: int = 1000

@@ -13,18 +13,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from . import __version__
 from .augment import Augment
+from .checkpoints import (DISK_ERRNOS, LAST, AtomicCheckpointIO, LastCheckpoint, RunCSVLogger, RunGuard,
+                          check_checkpoint, disk_error, remove_partial_checkpoints)
 from .data import CIFARDataModule
 from .errors import CifarkitError
 from .lr_finder import find_lr, save_lr_find
@@ -36,6 +39,7 @@ from .weights import WEIGHTS_NAME, save_weights
 MODULE_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "bias_lr_scale", "label_smoothing",
                "schedule", "pct_start", "div_factor", "final_div_factor", "cycle_momentum",
                "lookahead", "whiten_bias_epochs", "tta")
+RUN_DIR_ENV = "CIFARKIT_RUN_DIR"  # rank 0's run directory, for the ranks Lightning's launcher starts
 
 
 def cpu_has_bf16() -> bool:
@@ -84,14 +88,14 @@ def build_module(cfg: TrainConfig, dm: CIFARDataModule, lr: float) -> LitClassif
 
 
 def trainer_kwargs(cfg: TrainConfig) -> dict:
-    return dict(accelerator=cfg.accelerator, devices=cfg.devices,
-                precision=resolve_precision(cfg.precision, cfg.accelerator),
+    return dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                strategy=cfg.strategy, precision=resolve_precision(cfg.precision, cfg.accelerator),
                 num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=1,
                 deterministic=False, benchmark=torch.cuda.is_available())
 
 
-def _loggers(cfg: TrainConfig, run_dir: Path) -> list:
-    loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+def _loggers(cfg: TrainConfig, run_dir: Path, resumed_step: int | None) -> list:
+    loggers = [RunCSVLogger(run_dir, keep_before_step=resumed_step)]
     if cfg.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
         loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
@@ -110,58 +114,175 @@ def validate(cfg: TrainConfig) -> None:
         raise CifarkitError(f"--lr must be a number or 'auto', got '{cfg.lr}'")
     if cfg.epochs <= 0 or cfg.batch_size <= 0:
         raise CifarkitError("--epochs and --batch-size must be positive")
+    if cfg.ckpt_every_steps < 0 or cfg.num_nodes < 1:
+        raise CifarkitError("--ckpt-every-steps must be >= 0 and --num-nodes >= 1")
 
 
-def fit(cfg: TrainConfig) -> Path:
-    """Train per `cfg`, test, and write everything into the run directory; returns its path."""
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*hparams.*")
+# ---------------------------------------------------------------------------------------------
+# Several processes: Lightning's launcher re-runs this command for the other local ranks;
+# torchrun and srun start every rank themselves. Only rank 0 writes the run directory.
+
+
+def is_follower() -> bool:
+    """True in every process but global rank 0 (as the launcher's environment variables say)."""
+    return any(int(os.environ.get(v) or 0) > 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def launched_externally() -> bool:
+    """torchrun or srun started several ranks at once (Lightning's own launcher starts the rest later)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    if TorchElasticEnvironment.detect():
+        return int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", 1)) > 1
+
+
+def _run_directory(cfg: TrainConfig, resume: bool, follower: bool) -> Path:
+    if resume:
+        return Path(cfg.out)
+    if follower:  # rank 0's directory (Lightning's launcher passes it on); nothing is created here
+        return Path(os.environ.get(RUN_DIR_ENV) or cfg.out or "runs/rank0")
+    return make_run_dir(cfg)
+
+
+@contextmanager
+def _shared_with_ranks(run_dir: Path):
+    """Lightning's launcher starts the other ranks inside trainer.fit, with this environment."""
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+    try:
+        yield
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+
+
+@contextmanager
+def _machine_errors():
+    """Lightning's complaints about --accelerator/--devices/--num-nodes/--strategy, as one line."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    try:
+        yield
+    except (MisconfigurationException, ValueError) as exc:
+        raise CifarkitError(f"cannot train on this machine as asked: {str(exc).splitlines()[0]} "
+                            "(check --accelerator, --devices, --num-nodes and --strategy)") from None
+
+
+@contextmanager
+def _disk_errors(run_dir: Path):
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        raise disk_error(exc, Path(exc.filename or run_dir), run_dir) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
+
+
+def _peak_lr(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run_dir: Path,
+             follower: bool) -> float:
+    """The number, the LR range test's suggestion recorded in the run, or a new range test."""
+    if cfg.lr != "auto":
+        return float(cfg.lr)
+    if follower:
+        return math.nan  # configure_optimizers replaces it with rank 0's
+    recorded = run_dir / "lr_find.json"
+    if recorded.is_file():  # a resumed run keeps the rate it started with
+        return float(json.loads(recorded.read_text())["suggestion"])
+    with _machine_errors():
+        lr, curve, fig = find_lr(module, dm, trainer_kwargs(cfg), **cfg.lr_find)
+    save_lr_find(run_dir, curve, fig)
+    print(f"LR range test suggests peak lr {lr:.4g}")
+    return lr
+
+
+def _resume_point(run_dir: Path, cfg: TrainConfig, dm: CIFARDataModule,
+                  follower: bool) -> tuple[Path | None, int]:
+    """(last.ckpt, its global step) to continue from, or (None, 0) when no checkpoint was saved."""
+    if (run_dir / "results.json").is_file():
+        raise CifarkitError(f"{run_dir} already finished (it has results.json): nothing to resume")
+    ckpt = run_dir / "checkpoints" / LAST
+    if not ckpt.is_file():
+        if not follower:
+            print(f"notice: {run_dir} has no checkpoint yet: training from the start", file=sys.stderr)
+        return None, 0
+    step = check_checkpoint(ckpt, cfg.model, len(dm.classes))["global_step"]
+    if not follower:
+        print(f"resuming {run_dir} from step {step}", file=sys.stderr)
+    return ckpt, step
+
+
+def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run_dir: Path,
+             resumed_step: int | None) -> tuple[L.Trainer, RunGuard]:
+    ckpt_dir = run_dir / "checkpoints"
+    guard = RunGuard(run_dir, cfg.model, dm.classes)
+    callbacks = [guard, ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", save_top_k=1, mode="max",
+                                        monitor="val_acc" if len(dm.val_idx) else None,
+                                        enable_version_counter=False),
+                 LastCheckpoint(ckpt_dir, cfg.ckpt_every_steps)]
+    # Epoch-bounded, never max_steps: Lightning resumes a step-bounded run from an epoch-end
+    # checkpoint by replaying that epoch's end. A fractional last epoch stops via the guard.
+    with _machine_errors():
+        trainer = L.Trainer(**trainer_kwargs(cfg), max_epochs=math.ceil(cfg.epochs), callbacks=callbacks,
+                            logger=_loggers(cfg, run_dir, resumed_step), default_root_dir=str(run_dir),
+                            plugins=[AtomicCheckpointIO(run_dir)])
+    if cfg.epochs != int(cfg.epochs):  # each rank sees 1/world_size of the data per epoch
+        per_rank = math.ceil(len(dm.train_idx) / trainer.world_size)
+        module.steps = guard.stop_at_step = math.ceil(cfg.epochs * math.ceil(per_rank / cfg.batch_size))
+    return trainer, guard
+
+
+def _write_results(cfg, dm, module, trainer, test: dict, lr: float, run_dir: Path, start: float,
+                   resumed_step: int | None) -> None:
+    save_weights(module.net, run_dir / WEIGHTS_NAME, cfg.model, dm.classes, dm.mean, dm.std,
+                 cfg.model_kwargs, extra={"test_acc": f"{test['test_acc']:.4f}"})
+    results = {"test_acc": test["test_acc"], "test_loss": test["test_loss"], "epochs": cfg.epochs,
+               "steps": trainer.global_step, "seconds": round(time.time() - start, 1),
+               "preset": cfg.preset, "model": cfg.model, "lr": lr, "data": dm.arrays.source,
+               "train_images": len(dm.train_idx), "val_images": len(dm.val_idx),
+               "test_images": len(dm.arrays.test_y), "seed": cfg.seed, "tta": cfg.tta,
+               "precision": trainer_kwargs(cfg)["precision"], "world_size": trainer.world_size,
+               "resumed_from_step": resumed_step, "cifarkit_version": __version__,
+               "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu_count": os.cpu_count()}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def fit(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train per `cfg`, test, and write everything into the run directory; returns its path.
+
+    resume: continue the run in `cfg.out` (config from its config.yaml) from its last checkpoint.
+    """
+    for pattern in (".*does not have many workers.*", ".*hparams.*", ".*dataloader is not resumable.*"):
+        warnings.filterwarnings("ignore", pattern)  # the DataModule resumes the batch order itself
     start = time.time()
     validate(cfg)
+    if cfg.lr == "auto" and not resume and launched_externally():
+        raise CifarkitError("torchrun and srun start every rank at once, so the LR range test cannot run "
+                            "before DDP: run `cifarkit lr-find` on one device and pass its rate with --lr")
     L.seed_everything(cfg.seed, verbose=False)
-    run_dir = make_run_dir(cfg)
+    follower = is_follower()
+    run_dir = _run_directory(cfg, resume, follower)
     try:
         dm = build_datamodule(cfg)
     except CifarkitError:
-        if not any(run_dir.iterdir()):
+        if not resume and not follower and not any(run_dir.iterdir()):
             run_dir.rmdir()  # nothing was written: leave no empty run behind
         raise
-    cfg.to_yaml(run_dir / "config.yaml")
-    tkw = trainer_kwargs(cfg)
-
-    lr = cfg.lr
-    if lr == "auto":
+    ckpt, resumed_step = _resume_point(run_dir, cfg, dm, follower) if resume else (None, None)
+    with _disk_errors(run_dir):
+        if not follower:
+            remove_partial_checkpoints(run_dir / "checkpoints")
+            if not resume:
+                cfg.to_yaml(run_dir / "config.yaml")
         module = build_module(cfg, dm, lr=1e-3)
-        lr, curve, fig = find_lr(module, dm, tkw, **cfg.lr_find)
-        save_lr_find(run_dir, curve, fig)
-        print(f"LR range test suggests peak lr {lr:.4g}")
-    else:
-        lr = float(lr)
-        module = build_module(cfg, dm, lr=lr)
-    module.lr = lr
-
-    steps_per_epoch = math.ceil(len(dm.train_idx) / cfg.batch_size)
-    has_val = len(dm.val_idx) > 0
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", save_last=True,
-                           monitor="val_acc" if has_val else None, mode="max", save_top_k=1)
-    trainer = L.Trainer(**tkw, max_epochs=math.ceil(cfg.epochs),
-                        max_steps=math.ceil(cfg.epochs * steps_per_epoch),
-                        callbacks=[ckpt], logger=_loggers(cfg, run_dir), default_root_dir=str(run_dir))
-    trainer.fit(module, datamodule=dm)
-    test = trainer.test(module, datamodule=dm, verbose=False)[0]
-
-    if trainer.is_global_zero:
-        save_weights(module.net, run_dir / WEIGHTS_NAME, cfg.model, dm.classes, dm.mean, dm.std,
-                     cfg.model_kwargs, extra={"test_acc": f"{test['test_acc']:.4f}"})
-        results = {"test_acc": test["test_acc"], "test_loss": test["test_loss"], "epochs": cfg.epochs,
-                   "steps": trainer.global_step, "seconds": round(time.time() - start, 1),
-                   "preset": cfg.preset, "model": cfg.model, "lr": lr, "data": dm.arrays.source,
-                   "train_images": len(dm.train_idx), "val_images": len(dm.val_idx),
-                   "test_images": len(dm.arrays.test_y), "seed": cfg.seed, "tta": cfg.tta,
-                   "precision": tkw["precision"], "cifarkit_version": __version__,
-                   "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-                   "cpu_count": os.cpu_count()}
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        module.lr = _peak_lr(cfg, dm, module, run_dir, follower)
+        trainer, guard = _trainer(cfg, dm, module, run_dir, resumed_step)
+        with guard.catching_sigint(), _shared_with_ranks(run_dir):
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        test = trainer.test(module, datamodule=dm, verbose=False)[0]
+        if trainer.is_global_zero:
+            _write_results(cfg, dm, module, trainer, test, module.lr, run_dir, start, resumed_step)
     return run_dir
 
 
@@ -173,10 +294,12 @@ def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = Non
     if not cfg_file.is_file():
         raise CifarkitError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = TrainConfig.from_yaml(cfg_file)
-    loaded = load(run_dir)
     dm = build_datamodule(TrainConfig.from_dict({**cfg.__dict__, "data": data or cfg.data}))
+    loaded = load(run_dir, expect=(cfg.model, len(dm.classes)))
     dm.augment = Augment(loaded.mean, loaded.std)  # the statistics the weights were trained with
     level = cfg.tta if tta is None else tta
     module = LitClassifier(loaded.net.to(memory_format=torch.channels_last), len(loaded.classes), tta=level)
-    trainer = L.Trainer(**trainer_kwargs(cfg), logger=False, enable_checkpointing=False)
+    one_device = {"devices": 1, "num_nodes": 1, "strategy": "auto"}  # a DDP run is tested on one
+    with _machine_errors():
+        trainer = L.Trainer(**{**trainer_kwargs(cfg), **one_device}, logger=False, enable_checkpointing=False)
     return trainer.test(module, datamodule=dm, verbose=False)[0]

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import __version__
 from .errors import CifarkitError
-from .models import build_model
+from .models import MODELS, build_model
 
 WEIGHTS_NAME = "model.safetensors"
 MAX_PIXELS = 40_000_000  # larger uploads are refused rather than decoded (40 MP, e.g. 8000x5000)
@@ -105,8 +105,27 @@ def weights_path(path: str | Path) -> Path:
     return p
 
 
-def load(path: str | Path) -> Loaded:
-    """A ready model (eval mode, CPU) with its classes and normalization, from a run dir or file."""
+def identify(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(model, class count) of the registered architecture whose state_dict these tensors fill."""
+    for name in MODELS:
+        ref = build_model(name, 1).state_dict()
+        if ref.keys() != tensors.keys():
+            continue
+        head = [k for k in ref if ref[k].shape != tensors[k].shape]  # only the classifier's shapes differ
+        if all(ref[k].shape[1:] == tensors[k].shape[1:] for k in head):
+            return name, (tensors[head[0]].shape[0] if head else 1)
+    return None
+
+
+def _describe(found: tuple[str, int] | None) -> str:
+    return f"'{found[0]}' with {found[1]} classes" if found else "a model cifarkit does not know"
+
+
+def load(path: str | Path, expect: tuple[str, int] | None = None) -> Loaded:
+    """A ready model (eval mode, CPU) with its classes and normalization, from a run dir or file.
+
+    `expect` = (model, class count) the caller needs; other weights are a one-line error naming both.
+    """
     p = weights_path(path)
     try:
         from safetensors import safe_open
@@ -118,10 +137,14 @@ def load(path: str | Path) -> Loaded:
     if "model" not in meta or "classes" not in meta:
         raise CifarkitError(f"{p} has no cifarkit metadata (model name and classes)")
     classes = json.loads(meta["classes"])
+    said = (meta["model"], len(classes))
+    if expect is not None and tuple(expect) != said:
+        raise CifarkitError(f"weights {p} are for {_describe(said)}, not {_describe(tuple(expect))}; "
+                            "give the weights of a run of that model")
     net = build_model(meta["model"], len(classes), **json.loads(meta.get("model_kwargs", "{}")))
     try:
         net.load_state_dict(tensors)
     except RuntimeError:
-        raise CifarkitError(f"{p} does not fit model '{meta['model']}' with {len(classes)} classes "
-                            "(weights of another model or class count)") from None
+        raise CifarkitError(f"weights {p} hold {_describe(identify(tensors))}, but their metadata says "
+                            f"{_describe(said)}; the file was altered: use the run's own weights") from None
     return Loaded(net.eval(), classes, json.loads(meta["mean"]), json.loads(meta["std"]), meta)

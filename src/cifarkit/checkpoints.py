@@ -1,0 +1,261 @@
+"""Checkpoints a run can always resume from, and the guard that stops a run cleanly.
+
+- AtomicCheckpointIO writes each checkpoint to a temporary file beside its target, fsyncs it and
+  renames it over the target: a kill or a full disk mid-write leaves the previous checkpoint whole.
+  (Lightning's own writer stages the file in the system temp folder; where that is another
+  filesystem the final move is a copy, which a kill can cut short.)
+- LastCheckpoint writes last.ckpt at every epoch's end (after validation) and every N optimizer
+  steps in between. (ModelCheckpoint(save_last=True) refreshes last.ckpt only when it also saves
+  a top-k checkpoint.)
+- RunGuard puts the global RNG state (augmentation draws from it) and the model name into every
+  checkpoint, stops the run after the current step with a checkpoint on Ctrl-C, stops it on a
+  non-finite loss before anything saves the broken weights, and ends a fractional last epoch.
+- read_checkpoint loads with torch.load(weights_only=True); check_checkpoint names both models when
+  a checkpoint does not belong to the run.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import pickle
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from .errors import CifarkitError, RunInterrupted
+
+LAST = "last.ckpt"
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def resume_hint(run_dir: Path) -> str:
+    return f"cifarkit train --resume {run_dir}"
+
+
+def disk_error(exc: OSError, path: Path, run_dir: Path) -> CifarkitError:
+    """The one-line message for a write that the disk refused (full, read-only, no permission)."""
+    return CifarkitError(f"cannot write {path}: {exc.strerror or exc}; what was saved before is kept: "
+                         f"free space or fix the disk, then `{resume_hint(run_dir)}`")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def __init__(self, run_dir: Path | None = None):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise disk_error(exc, path, self.run_dir or path.parent.parent) from None
+
+
+def remove_partial_checkpoints(ckpt_dir: Path) -> None:
+    """Temporary files a killed save left behind."""
+    for tmp in ckpt_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+class LastCheckpoint(Checkpoint):
+    """checkpoints/last.ckpt at every epoch's end and, mid-epoch, every `every_steps` optimizer steps.
+
+    A Checkpoint, so Lightning calls it after ModelCheckpoint: last.ckpt holds best.ckpt's record.
+    """
+
+    def __init__(self, ckpt_dir: Path, every_steps: int = 0):
+        self.path, self.every_steps = Path(ckpt_dir) / LAST, every_steps
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # an epoch's last step is saved by on_train_epoch_end, after validation
+        ends_epoch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.should_stop
+        if self.every_steps and trainer.global_step % self.every_steps == 0 and not ends_epoch:
+            trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class RunGuard(Callback):
+    def __init__(self, run_dir: Path, model: str, classes: list[str]):
+        self.run_dir, self.model, self.classes = Path(run_dir), model, list(classes)
+        self.stop_requested = False
+        self.saved_at: tuple[int, int] | None = None  # (step, epoch) of the checkpoint a Ctrl-C saved
+        self.last_saved_step: int | None = None
+        self.stop_at_step: int | None = None  # the run's last step when it ends mid-epoch
+
+    # -- what every checkpoint carries besides Lightning's state ----------------------------------
+
+    def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["cifarkit"] = {"model": self.model, "classes": self.classes}
+        self.last_saved_step = checkpoint["global_step"]
+
+    # -- Ctrl-C: finish the step, checkpoint, stop ----------------------------------------------
+
+    @contextmanager
+    def catching_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        except SystemExit:  # Lightning exits on a KeyboardInterrupt (the second Ctrl-C)
+            if not self.stop_requested:
+                raise
+            raise RunInterrupted(self.run_dir, "stopped at once, without a new checkpoint") from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nstopping after this step with a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    # -- every step: the end of a fractional last epoch, Ctrl-C, a diverged loss -----------------
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._stop_at_the_end(trainer)
+
+    def _stop_at_the_end(self, trainer) -> None:
+        if self.stop_at_step is not None and trainer.global_step >= self.stop_at_step:
+            trainer.should_stop = True  # validation and the epoch-end checkpoint still run
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._stop_at_the_end(trainer)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        flags = torch.tensor([float(self.stop_requested), float(not torch.isfinite(loss).all())],
+                             device=loss.device)
+        if trainer.world_size > 1:  # every rank takes the same decision, or the others would hang
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        stop, diverged = (flags > 0).tolist()
+        if diverged:
+            raise CifarkitError(self._divergence_message(trainer, loss, pl_module))
+        if stop and not (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.should_stop):
+            trainer.save_checkpoint(self.run_dir / "checkpoints" / LAST, weights_only=False)
+            self.saved_at = (trainer.global_step, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.saved_at:  # stop here, once Lightning has logged the step the checkpoint ends with
+            step, epoch = self.saved_at
+            raise RunInterrupted(self.run_dir, f"stopped at step {step} (epoch {epoch}) with a checkpoint")
+
+    def _divergence_message(self, trainer, loss: torch.Tensor, pl_module) -> str:
+        what = "nan" if torch.isnan(loss).any() else "inf"
+        last = self.run_dir / "checkpoints" / LAST
+        kept = "no checkpoint was saved yet"
+        if last.is_file():
+            at = f" (step {self.last_saved_step})" if self.last_saved_step is not None else ""
+            kept = f"the last good checkpoint {last}{at} is kept"
+        return (f"loss became {what} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
+                f"training stopped and {kept}; lower --lr (this run: {pl_module.lr:.3g}) or check the data")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.csv across a resume
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Keeps the rows logged before the checkpoint a run resumes from (Lightning's deletes them)."""
+
+    def __init__(self, log_dir: str, keep_before_step: int):
+        self.keep_before_step = keep_before_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if int(float(r["step"])) < self.keep_before_step]
+            header = reader.fieldnames or []
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self.metrics_keys = list(header)
+
+
+class RunCSVLogger(CSVLogger):
+    """RUN_DIR/metrics.csv; a resumed run continues the file from its checkpoint's step."""
+
+    def __init__(self, run_dir: Path, keep_before_step: int | None = None):
+        super().__init__(save_dir=str(run_dir), name="", version="")
+        self.keep_before_step = keep_before_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None and self.keep_before_step is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(self.log_dir, self.keep_before_step)
+        return super().experiment
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CifarkitError(f"no checkpoint at {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CifarkitError(f"refused to load {p}: it holds Python objects besides tensors and plain "
+                            "values (loaded with weights_only=True); use checkpoints cifarkit wrote") from None
+    except Exception as exc:
+        raise CifarkitError(f"cannot read checkpoint {p}: {str(exc).splitlines()[0]} "
+                            "(truncated, or not a checkpoint?)") from None
+
+
+def checkpoint_model(ckpt: dict) -> tuple[str, int] | None:
+    """(model name, class count) of a checkpoint: from what cifarkit stored, else from its tensors."""
+    if "cifarkit" in ckpt:
+        return ckpt["cifarkit"]["model"], len(ckpt["cifarkit"]["classes"])
+    from .weights import identify
+    net = {k[4:]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("net.")}
+    return identify(net)
+
+
+def check_checkpoint(path: Path, model: str, num_classes: int) -> dict:
+    """The checkpoint at `path`, if it was saved by a run of `model` with `num_classes` classes."""
+    ckpt = read_checkpoint(path)
+    found = checkpoint_model(ckpt)
+    if found != (model, num_classes):
+        what = f"'{found[0]}' with {found[1]} classes" if found else "a model cifarkit does not know"
+        raise CifarkitError(f"checkpoint {path} is for {what}, not '{model}' with {num_classes} classes "
+                            "as this run is configured; resume the run it came from")
+    return ckpt
