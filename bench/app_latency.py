@@ -13,8 +13,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from gradio_client import Client, handle_file
+
+from PIL import Image
 
 from cifarkit.app import launch
 
@@ -29,14 +32,24 @@ with socket.socket() as s:
     port = s.getsockname()[1]
 demo = launch(args.run_dir, port=port, prevent_thread_lock=True, quiet=True)
 url = f"http://127.0.0.1:{port}/"
-image = handle_file(str(sorted((Path(args.run_dir) / "examples").glob("*.png"))[0]))
-calls = {"predict": ((image, 3), "/predict"), "classify": ((image, 3, 0.5, None, "gradcam"), "/classify")}
+# One distinct image per client, as real users send: identical concurrent outputs would share one
+# file in Gradio's cache.
+tmp = Path(tempfile.mkdtemp())
+rng = np.random.default_rng(0)
+base = np.asarray(Image.open(sorted((Path(args.run_dir) / "examples").glob("*.png"))[0]).convert("RGB"))
+images = []
+for i in range(args.clients):
+    noisy = np.clip(base.astype(int) + rng.integers(-8, 9, base.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(tmp / f"{i}.png")
+    images.append(handle_file(str(tmp / f"{i}.png")))
+calls = {"predict": lambda im: ((im, 3), "/predict"), "classify": lambda im: ((im, 3, 0.5, None, "gradcam"), "/classify")}
 
 
-def client_run(endpoint):
+def client_run(job):
+    endpoint, i = job
     c = Client(url, verbose=False)
     out = []
-    inputs, api = calls[endpoint]
+    inputs, api = calls[endpoint](images[i])
     for _ in range(args.requests):
         t = time.perf_counter()
         c.predict(*inputs, api_name=api)
@@ -47,7 +60,7 @@ def client_run(endpoint):
 for endpoint in calls:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.clients) as pool:
-        lat = sorted(x for r in pool.map(client_run, [endpoint] * args.clients) for x in r)
+        lat = sorted(x for r in pool.map(client_run, [(endpoint, i) for i in range(args.clients)]) for x in r)
     wall = time.perf_counter() - t0
     p95 = lat[int(0.95 * (len(lat) - 1))]
     print(f"{endpoint:9s} {len(lat)} calls from {args.clients} clients: p50 {statistics.median(lat) * 1000:.0f} ms, "
