@@ -240,25 +240,24 @@ def resolve_source(data: str | None, dataset: str = "cifar10") -> str | None:
     return None
 
 
+def _cached(file: Path, decode) -> Arrays:
+    """The arrays in `file` when it is sound, else decode() them and write the cache."""
+    cached = _load_cache(file) if file.exists() else None
+    if cached is None:
+        cached = decode()
+        _save_cache(file, cached)
+    return cached
+
+
 def load_arrays(data: str | None = None, dataset: str = "cifar10") -> Arrays:
     """Decoded arrays for a source, from the cache when the source has not changed."""
     source = resolve_source(data, dataset)
     if source is None:
-        file = cache_dir() / f"{dataset}-torchvision.npz"
-        cached = _load_cache(file) if file.exists() else None
-        if cached is None:
-            cached = _torchvision(dataset)
-            _save_cache(file, cached)
-        return cached
+        return _cached(cache_dir() / f"{dataset}-torchvision.npz", lambda: _torchvision(dataset))
     path = Path(source).expanduser()
     if not path.exists():
         read_source(path)  # raises the 'does not exist' error
-    file = cache_dir() / f"{path.name}-{_cache_key(path)}.npz"
-    cached = _load_cache(file) if file.exists() else None
-    if cached is None:
-        cached = read_source(path)
-        _save_cache(file, cached)
-    return cached
+    return _cached(cache_dir() / f"{path.name}-{_cache_key(path)}.npz", lambda: read_source(path))
 
 
 # ---------------------------------------------------------------------------------------------
