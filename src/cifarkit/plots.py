@@ -99,8 +99,10 @@ def confusion_matrix(conf: np.ndarray, classes: list[str]) -> Figure:
     bx.invert_yaxis()
     bx.set_xlim(0, 1)
     bx.set_title("Per-class accuracy")
-    for i, a in enumerate(acc):
-        bx.text(min(a, 0.98), i, f"{a:.1%}", va="center", ha="right", fontsize=8, color="white")
+    for i, a in enumerate(acc):  # label inside a long bar, beside a short one
+        inside = a > 0.25
+        bx.text(a - 0.01 if inside else a + 0.01, i, f"{a:.1%}", va="center", ha="right" if inside else "left",
+                fontsize=8, color="white" if inside else "black")
     fig.tight_layout()
     return fig
 
