@@ -68,12 +68,9 @@ class RunApp:
         """Top-k classes, the Grad-CAM overlay of the top class, and the 32x32 input upscaled."""
         arr = self._image(image)
         layer = explain.resolve_layer(self.model.net, layer or None)
-        x = self.model.normalize(arr)
         with self.lock:
-            with torch.no_grad():
-                probs = torch.softmax(self.model.net(x).float(), 1)[0]
-            cam = explain.heatmaps(self.model.net, x, [int(probs.argmax())], layer, method or "gradcam")
-        return (self._top_k(probs, k), explain.overlay(arr, cam, float(alpha), VIEW_SIZE)[0],
+            probs, cam = explain.explain_top_class(self.model, arr, layer, method or "gradcam")
+        return (self._top_k(probs[0], k), explain.overlay(arr, cam, float(alpha), VIEW_SIZE)[0],
                 explain.upscale(arr, VIEW_SIZE)[0])
 
     # -- Mistakes and the Grad-CAM gallery -------------------------------------------------------

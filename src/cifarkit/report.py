@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import analysis, explain, plots
 from .errors import CifarkitError
@@ -178,10 +177,8 @@ def overlays_for_files(run_dir: str | Path, images: list[str], layer: str | None
         except CifarkitError as exc:
             print(f"skipped: {exc}", file=sys.stderr)
             continue
-        x = model.normalize(arr)
-        with torch.no_grad():
-            pred = int(model.net.eval()(x).argmax(1))
-        cam = explain.heatmaps(model.net, x, [pred], layer, method)
+        probs, cam = explain.explain_top_class(model, arr, layer, method)
+        pred = int(probs[0].argmax())
         dest = out_dir / f"{Path(path).stem}-{layer}-{method}.png"
         Image.fromarray(explain.overlay(arr, cam, alpha)[0]).save(dest)
         written.append(dest)
