@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from cifarkit.data import load_arrays
+from cifarkit.sources import load_arrays
 
 p = argparse.ArgumentParser()
 p.add_argument("--preset", default="fast")

@@ -11,7 +11,8 @@ from PIL import Image
 
 from cifarkit import CifarkitError
 from cifarkit.cli import main
-from cifarkit.data import CIFARDataModule, balanced_subset, cache_dir, load_arrays, split_train_val
+from cifarkit.data import CIFARDataModule, balanced_subset, split_train_val
+from cifarkit.sources import cache_dir, load_arrays
 from conftest import CLASSES, make_image_folder
 
 

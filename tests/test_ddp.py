@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cifarkit.checkpoints import read_checkpoint
-from cifarkit.data import load_arrays
+from cifarkit.sources import load_arrays
 from cifarkit.presets import preset_config
 from cifarkit.weights import load
 

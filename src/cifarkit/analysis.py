@@ -58,7 +58,7 @@ def data_source(run_dir: Path) -> tuple[str | None, str]:
 
 def load_test_split(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """The test split of the data a run was trained on (decoded from the cache when possible)."""
-    from .data import load_arrays
+    from .sources import load_arrays
     source, dataset = data_source(Path(run_dir))
     a = load_arrays(source, dataset)
     return a.test_x, a.test_y

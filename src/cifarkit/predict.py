@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import IMAGE_SUFFIXES
+from .sources import IMAGE_SUFFIXES
 from .errors import CifarkitError
 from .weights import open_image
 
