@@ -94,6 +94,22 @@ def test_whitening_bias_trains_only_for_its_epochs(image_folder, tmp_path):
     assert not torch.equal(rec.biases[0], torch.zeros_like(rec.biases[0]))  # trained in epoch 0
     assert torch.equal(rec.biases[0], rec.biases[1]) and torch.equal(rec.biases[1], rec.biases[2])
     assert module.net.whiten.bias.requires_grad  # frozen by its gradient: DDP's parameter set is fixed
+    assert module.net.stem_bias_trains is False   # on one device the stem is detached once frozen
+
+
+def test_a_detached_stem_bias_gets_no_gradient_and_backward_stops_at_block1():
+    net = build_model("fast", 10)
+    x = torch.randn(4, 3, 32, 32)
+    for trains in (True, False):
+        net.zero_grad(set_to_none=True)
+        net.stem_bias_trains = trains
+        seen = []
+        handle = net.block1.register_full_backward_hook(lambda m, gin, gout: seen.append(gin[0]))
+        net(x).sum().backward()
+        handle.remove()
+        assert (net.whiten.bias.grad is not None) == trains
+        assert (seen[0] is not None) == trains  # the gradient w.r.t. block1's input is computed only if needed
+        assert net.block1.conv1.weight.grad is not None
 
 
 def test_lookahead_runs_and_the_last_step_makes_the_net_the_average(image_folder, tmp_path):

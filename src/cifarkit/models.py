@@ -6,6 +6,7 @@ lists in `cam_layers` the attribute names of the layers Grad-CAM should offer.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import CifarkitError
@@ -146,6 +147,7 @@ class FastNet(nn.Module):
         self.pool = nn.MaxPool2d(3)
         self.fc = nn.Linear(w3, num_classes, bias=False)
         self.head_scale = head_scale
+        self.stem_bias_trains = True  # the training module turns it off after its epochs
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
@@ -159,7 +161,9 @@ class FastNet(nn.Module):
         self.whiten.bias.zero_()
 
     def forward(self, x):
-        x = self.act(self.whiten(x))                                    # (B, 24, 31, 31)
+        # a frozen stem bias is detached: backward then stops at block1 and skips its input gradient
+        bias = self.whiten.bias if self.stem_bias_trains else self.whiten.bias.detach()
+        x = self.act(F.conv2d(x, self.whiten.weight, bias))             # (B, 24, 31, 31)
         x = self.block3(self.block2(self.block1(x)))
         return self.fc(torch.flatten(self.pool(x), 1)) * self.head_scale
 

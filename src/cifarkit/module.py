@@ -42,8 +42,8 @@ class LitClassifier(L.LightningModule):
         self.net = net
         self.lr = lr  # the range test may replace it before fit; configure_optimizers reads it
         self.steps: int | None = None  # optimizer steps of the run when it ends part-way into an epoch
-        self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro")
-                                                       for _ in range(3))
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3))
         # epoch means of training metrics live in checkpoints: a mid-epoch resume keeps the whole epoch
         self.train_loss = MeanMetric()
         for m in (self.train_loss, self.train_acc):
@@ -117,13 +117,19 @@ class LitClassifier(L.LightningModule):
     def on_train_epoch_start(self):
         self.train_loss.reset()  # a fresh epoch: forget state restored from an epoch-end checkpoint
         self.train_acc.reset()
+        # The whitening stem's bias trains for its first epochs only. On one device the net then
+        # detaches it, which also saves the backward pass below block1 (~5% of a step). Under DDP the
+        # set of trained parameters must stay fixed: the gradient is computed and dropped instead.
+        if hasattr(self.net, "stem_bias_trains"):
+            self.net.stem_bias_trains = self._stem_bias_trains() or self.trainer.world_size > 1
+
+    def _stem_bias_trains(self) -> bool:
+        return self.current_epoch < self.hparams.whiten_bias_epochs
 
     def on_before_optimizer_step(self, optimizer):
-        # The whitening stem's bias trains for its first epochs only. Dropping its gradient (SGD then
-        # skips it) rather than toggling requires_grad keeps DDP's set of trained parameters fixed.
         stem = getattr(self.net, "whiten", None)
-        if stem is not None and stem.bias is not None and self.current_epoch >= self.hparams.whiten_bias_epochs:
-            stem.bias.grad = None
+        if stem is not None and stem.bias is not None and not self._stem_bias_trains():
+            stem.bias.grad = None  # SGD skips it: no step, no weight decay
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
