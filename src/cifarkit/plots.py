@@ -43,7 +43,8 @@ def curves(m: dict) -> Figure:
         if y is not None and not np.all(np.isnan(y)):
             ax.plot(x, y, marker="o", ms=3)
         else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+            why = "no validation split (--val-size 0)" if key.startswith("val") else "not logged"
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="gray")
         test_key = "test_" + key.split("_")[1]
         if key.startswith("val") and test_key in m["test"]:
             ax.axhline(m["test"][test_key], color="C3", ls="--", label=f"test {m['test'][test_key]:.4f}")
