@@ -10,7 +10,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export CIFARKIT_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,23 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# The CPU benchmarks, one after another (about 2 hours on 2 cores); run alone on the machine.
+# Each prints its result; BENCHMARKS.md records them with the machine and date.
+bench: setup
+	$(BIN)/python bench/lightning_overhead.py --rounds 3
+	$(BIN)/python bench/seed_pipeline.py
+	$(BIN)/python bench/fast_time_to_accuracy.py --preset fast --seeds 0 1 2
+	$(BIN)/python bench/fast_time_to_accuracy.py --preset quick --seeds 0
+	$(BIN)/python bench/report_time.py runs/bench/fast-seed0 --repeat 3
+	$(BIN)/python bench/predict_throughput.py runs/bench/fast-seed0 --n 2000 --repeat 3
+	$(BIN)/python bench/app_latency.py runs/bench/fast-seed0 --clients 50 --requests 4
+
+# On a GPU machine: the fast preset over 5 seeds, and the seed preset against the seed's own pipeline
+# for the seed's 30 epochs (accuracy and seconds per epoch).
+bench-gpu: setup
+	$(BIN)/python bench/fast_time_to_accuracy.py --preset fast --seeds 0 1 2 3 4
+	$(BIN)/python bench/seed_pipeline.py --epochs 30 --workers 4
 
 clean:
 	rm -rf $(VENV) runs

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from _common import StepTimer
 from cifarkit.presets import preset_config
 from cifarkit.train import build_datamodule, build_module, resolve_precision
 
@@ -30,26 +31,14 @@ precision = resolve_precision("auto", "cpu")
 bf16 = precision == "bf16-mixed"
 
 
-class StepTimer(L.Callback):
-    def on_train_batch_start(self, *a):
-        if self.n == 5:
-            self.t = time.perf_counter()
-        self.n += 1
-
-    def on_train_end(self, *a):
-        self.seconds = time.perf_counter() - self.t
-
-    n = 0
-
-
 def lightning_run():
     module = build_module(cfg, dm, lr=cfg.lr)
-    timer = StepTimer()
+    timer = StepTimer(5)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=args.steps, max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, callbacks=[timer])
     trainer.fit(module, datamodule=dm)
-    return timer.seconds / (args.steps - 5)
+    return timer.per_step
 
 
 def plain_run():

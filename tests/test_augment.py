@@ -89,3 +89,28 @@ def test_albumentations_pipeline_is_the_seeds_and_keeps_uint8():
     assert names == ["PadIfNeeded", "RandomCrop", "CoarseDropout"]
     out = pipe(image=np.zeros((32, 32, 3), np.uint8))["image"]
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_batched_seed_augmentation_has_the_albumentations_pipelines_statistics():
+    """The seed preset's batched augmentation paints as much of an image, where it does, as the
+    seed's per-sample Albumentations pipeline (pad 4 + crop, 1-2 cutout holes of 8-16 px, p 0.8)."""
+    import numpy as np
+    cfg = dict(flip="none", pad=4, pad_mode="mean", cutout=(8, 16), cutout_holes=(1, 2), cutout_p=0.8)
+    n = 3000
+    white = torch.full((n, 32, 32, 3), 255, dtype=torch.uint8)
+    torch.manual_seed(0)
+    batched = Augment(MEAN, STD, **cfg)
+    painted_b = (batched.cut(batched.crop_flip(white, torch.zeros(n, dtype=torch.bool))) != 255).any(-1)
+    pipe = Augment(MEAN, STD, pipeline="albumentations", **cfg).per_sample()
+    np.random.seed(0)
+    painted_a = torch.from_numpy(np.stack([pipe(image=img)["image"] for img in white[:n].numpy()]) != 255).any(-1)
+    frac_b, frac_a = painted_b.float().mean((1, 2)), painted_a.float().mean((1, 2))   # (n,) per image
+    assert 0.1 < frac_a.mean() < 0.5                                   # something is painted, not all
+    assert abs(frac_b.mean() - frac_a.mean()) < 0.015
+    for q in (0.1, 0.5, 0.9):
+        assert abs(frac_b.quantile(q) - frac_a.quantile(q)) < 0.03, q
+    untouched_b, untouched_a = (frac_b == 0).float().mean(), (frac_a == 0).float().mean()
+    assert abs(untouched_b - untouched_a) < 0.03                       # no shift and no hole: as often
+    # where: the same share of paint in each image row and column
+    for dim in (1, 2):
+        assert (painted_b.float().mean((0, dim)) - painted_a.float().mean((0, dim))).abs().max() < 0.03
