@@ -61,7 +61,7 @@ class SeedImages(Dataset):
     def __init__(self, x: np.ndarray, y: np.ndarray, train: bool = True):
         aug = Augment(dm.mean, dm.std, pipeline="albumentations", **cfg.augment)
         self.pad_crop_cut = aug.per_sample() if train else None
-        self.to_tensor = [Normalize(mean=dm.mean / 255, std=dm.std / 255), ToTensorV2()]
+        self.to_tensor = [Normalize(mean=dm.mean, std=dm.std), ToTensorV2()]  # [0, 1] units, max 255
         self.x, self.y = x, y
 
     def __len__(self):

@@ -253,7 +253,8 @@ def fit(cfg: TrainConfig, resume: bool = False) -> Path:
 
     resume: continue the run in `cfg.out` (config from its config.yaml) from its last checkpoint.
     """
-    for pattern in (".*does not have many workers.*", ".*hparams.*", ".*dataloader is not resumable.*"):
+    for pattern in (".*does not have many workers.*", ".*hparams.*", ".*dataloader is not resumable.*",
+                    ".*Total length of `list` across ranks is zero.*"):  # --val-size 0: no validation
         warnings.filterwarnings("ignore", pattern)  # the DataModule resumes the batch order itself
     start = time.time()
     validate(cfg)
