@@ -118,7 +118,7 @@ class LitClassifier(L.LightningModule):
         self.train_loss.reset()  # a fresh epoch: forget state restored from an epoch-end checkpoint
         self.train_acc.reset()
         # The whitening stem's bias trains for its first epochs only. On one device the net then
-        # detaches it, which also saves the backward pass below block1 (~5% of a step). Under DDP the
+        # detaches it, which also spares backward block1's full-resolution input gradient. Under DDP the
         # set of trained parameters must stay fixed: the gradient is computed and dropped instead.
         if hasattr(self.net, "stem_bias_trains"):
             self.net.stem_bias_trains = self._stem_bias_trains() or self.trainer.world_size > 1
