@@ -42,3 +42,11 @@ def test_whitening_stem_decorrelates_patches():
     cov = flat.T @ flat / len(flat)
     assert torch.allclose(cov, torch.eye(12), atol=0.05)
     assert torch.equal(net.whiten.bias, torch.zeros(24))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_takes_the_smaller_images_of_low_res_epochs(name):
+    net = build_model(name).eval()
+    with torch.no_grad():
+        for size in (24, 32):
+            assert net(torch.randn(2, 3, size, size)).shape == (2, 10)

@@ -48,7 +48,7 @@ class ResNet18GN(nn.Module):
         for i, (w, s) in enumerate(zip(widths, strides), start=1):
             setattr(self, f"layer{i}", nn.Sequential(BasicBlock(c_in, w, s), BasicBlock(w, w, 1)))
             c_in = w
-        self.pool = nn.AvgPool2d(8)  # (B, 512, 8, 8) -> (B, 512, 1, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)  # (B, 512, 8, 8) -> (B, 512, 1, 1); any input size
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x):  # (B, 3, 32, 32)
@@ -87,7 +87,7 @@ class CustomResNet(nn.Module):
         self.layer1 = nn.Sequential(_conv_bn(64, 128, pool=True), Residual(128))   # (B, 128, 16, 16)
         self.layer2 = _conv_bn(128, 256, pool=True)                              # (B, 256, 8, 8)
         self.layer3 = nn.Sequential(_conv_bn(256, 512, pool=True), Residual(512))  # (B, 512, 4, 4)
-        self.pool = nn.MaxPool2d(4)
+        self.pool = nn.AdaptiveMaxPool2d(1)  # (B, 512, 4, 4) -> (B, 512, 1, 1); any input size
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x):
@@ -144,7 +144,7 @@ class FastNet(nn.Module):
         self.block1 = ConvGroup(24, w1, bn_momentum)  # (B, w1, 15, 15)
         self.block2 = ConvGroup(w1, w2, bn_momentum)  # (B, w2, 7, 7)
         self.block3 = ConvGroup(w2, w3, bn_momentum)  # (B, w3, 3, 3)
-        self.pool = nn.MaxPool2d(3)
+        self.pool = nn.AdaptiveMaxPool2d(1)  # (B, w3, 3, 3) -> (B, w3, 1, 1); any input size (low-res epochs)
         self.fc = nn.Linear(w3, num_classes, bias=False)
         self.head_scale = head_scale
         self.stem_bias_trains = True  # the training module turns it off after its epochs

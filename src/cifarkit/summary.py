@@ -7,6 +7,7 @@ from torch import nn
 from .models import build_model
 
 SKIP = (nn.ReLU, nn.GELU, nn.Identity, nn.Sequential)  # no parameters, no new shape: not listed
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)  # no parameters, new shape
 
 
 def _rows(net: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple, int]]:
@@ -15,7 +16,7 @@ def _rows(net: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple, int]]:
     def hook(module, _inp, out):
         params = sum(p.numel() for p in module.parameters(recurse=False))
         if isinstance(module, SKIP) or (not params and len(list(module.children())) == 0
-                                        and not isinstance(module, (nn.MaxPool2d, nn.AvgPool2d))):
+                                        and not isinstance(module, POOLS)):
             return
         rows.append((type(module).__name__, tuple(out.shape[1:]), params))
 
