@@ -114,3 +114,14 @@ def test_batched_seed_augmentation_has_the_albumentations_pipelines_statistics()
     # where: the same share of paint in each image row and column
     for dim in (1, 2):
         assert (painted_b.float().mean((0, dim)) - painted_a.float().mean((0, dim))).abs().max() < 0.03
+
+
+def test_low_res_epochs_show_the_whole_image_smaller_then_full_size():
+    aug = Augment(MEAN, STD, flip="none", pad=0, low_res=16, low_res_epochs=1)
+    x = torch.zeros(4, 32, 32, 3, dtype=torch.uint8)
+    x[:, :, 16:] = 255                                   # right half white
+    out = aug(x, torch.arange(4), epoch=0)
+    assert out.shape == (4, 3, 16, 16)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out[..., :8] < 0).all() and (out[..., 8:] > 0).all()  # still half and half: nothing cut off
+    assert aug(x, torch.arange(4), epoch=1).shape == (4, 3, 32, 32)

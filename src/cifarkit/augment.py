@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 FLIPS = ("none", "random", "alternate")
 PIPELINES = ("batched", "albumentations")
@@ -29,7 +30,8 @@ def _flip_bits(idx: torch.Tensor, seed: int) -> torch.Tensor:
 class Augment:
     def __init__(self, mean, std, flip: str = "random", pad: int = 0, pad_mode: str = "reflect",
                  cutout: tuple[int, int] | int = 0, cutout_holes: tuple[int, int] | int = 1,
-                 cutout_p: float = 1.0, pipeline: str = "batched", seed: int = 0):
+                 cutout_p: float = 1.0, pipeline: str = "batched", seed: int = 0,
+                 low_res: int = 0, low_res_epochs: int = 0):
         from .errors import CifarkitError
         if flip not in FLIPS:
             raise CifarkitError(f"unknown flip '{flip}'; choose one of: {', '.join(FLIPS)}")
@@ -37,11 +39,16 @@ class Augment:
             raise CifarkitError(f"unknown augmentation '{pipeline}'; choose one of: {', '.join(PIPELINES)}")
         if pad_mode not in ("reflect", "mean"):
             raise CifarkitError(f"unknown pad mode '{pad_mode}'; choose reflect or mean")
+        if low_res and pipeline != "batched":
+            raise CifarkitError("low_res training needs the batched augmentation (augment: pipeline: batched)")
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)   # (3,), [0, 1] units
         self.flip, self.pad, self.pad_mode, self.pipeline, self.seed = flip, pad, pad_mode, pipeline, seed
         self.cutout = tuple(cutout) if isinstance(cutout, (list, tuple)) else (cutout, cutout)
         self.holes = tuple(cutout_holes) if isinstance(cutout_holes, (list, tuple)) else (cutout_holes,) * 2
         self.cutout_p = cutout_p
+        # progressive resizing: the first low_res_epochs see the whole image downscaled to
+        # low_res x low_res (fewer pixels, same content), then full size
+        self.low_res, self.low_res_epochs = low_res, low_res_epochs
         self.fill = (self.mean * 255).round().to(torch.uint8)          # (3,) mean colour
 
     # -- the parts -------------------------------------------------------------------------------
@@ -101,14 +108,17 @@ class Augment:
     # -- the whole pipeline ----------------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, epoch: int = 0) -> torch.Tensor:
-        """A training batch: uint8 (B, H, W, 3) + sample indices -> normalized float (B, 3, H, W)."""
+        """A training batch: uint8 (B, H, W, 3) + sample indices -> normalized float (B, 3, S, S)."""
         if self.pipeline == "batched":
             flip = self.flips_for(idx.to(x.device), epoch)
             if self.pad or flip.any():
                 x = self.crop_flip(x, flip)
             if self.cutout[1] > 0 and self.cutout_p > 0:
                 x = self.cut(x)
-        return self.normalize(x)
+        x = self.normalize(x)
+        if self.low_res and epoch < self.low_res_epochs:
+            x = F.interpolate(x, size=(self.low_res, self.low_res), mode="bilinear", antialias=True)
+        return x
 
     def per_sample(self):
         """The seed's Albumentations pipeline (uint8 HWC in and out), or None for batched."""
