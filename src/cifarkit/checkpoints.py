@@ -152,13 +152,16 @@ class RunGuard(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._stop_at_the_end(trainer)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        flags = torch.tensor([float(self.stop_requested), float(not torch.isfinite(loss).all())],
-                             device=loss.device)
+        # the loss was computed before this step's update; the weights after it go into checkpoints
+        weights = torch.nn.utils.get_total_norm([p.detach() for p in pl_module.parameters()])
+        flags = torch.tensor([float(self.stop_requested), float(not torch.isfinite(loss).all()),
+                              float(not torch.isfinite(weights))], device=loss.device)
         if trainer.world_size > 1:  # every rank takes the same decision, or the others would hang
             flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        stop, diverged = (flags > 0).tolist()
-        if diverged:
-            raise CifarkitError(self._divergence_message(trainer, loss, pl_module))
+        stop, bad_loss, bad_weights = (flags > 0).tolist()
+        if bad_loss or bad_weights:
+            what = loss if bad_loss else weights
+            raise CifarkitError(self._divergence_message(trainer, "loss" if bad_loss else "weights", what, pl_module))
         if stop and not (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.should_stop):
             trainer.save_checkpoint(self.run_dir / "checkpoints" / LAST, weights_only=False)
             self.saved_at = (trainer.global_step, trainer.current_epoch)
@@ -168,14 +171,14 @@ class RunGuard(Callback):
             step, epoch = self.saved_at
             raise RunInterrupted(self.run_dir, f"stopped at step {step} (epoch {epoch}) with a checkpoint")
 
-    def _divergence_message(self, trainer, loss: torch.Tensor, pl_module) -> str:
-        what = "nan" if torch.isnan(loss).any() else "inf"
+    def _divergence_message(self, trainer, name: str, value: torch.Tensor, pl_module) -> str:
+        what = "nan" if torch.isnan(value).any() else "inf"
         last = self.run_dir / "checkpoints" / LAST
         kept = "no checkpoint was saved yet"
         if last.is_file():
             at = f" (step {self.last_saved_step})" if self.last_saved_step is not None else ""
             kept = f"the last good checkpoint {last}{at} is kept"
-        return (f"loss became {what} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
+        return (f"{name} became {what} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
                 f"training stopped and {kept}; lower --lr (this run: {pl_module.lr:.3g}) or check the data")
 
 
