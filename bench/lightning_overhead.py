@@ -1,8 +1,9 @@
 """Per-step overhead of training through Lightning versus a plain PyTorch loop doing the same work.
 
-Usage: python bench/lightning_overhead.py [--steps 40] [--batch-size 512] [--rounds 2]
+Usage: python bench/lightning_overhead.py [--steps 40] [--batch-size 256] [--rounds 2]
 Both sides train the fast net on the same real images (CIFAR-10 copy from $CIFARKIT_DATA), with the
-same batched augmentation, SGD + OneCycle, bf16 autocast (when the CPU has it) and channels_last.
+same batched augmentation at full resolution, the fast preset's optimizer (Muon for conv filters,
+SGD for the rest) + OneCycle, bf16 autocast (when the CPU has it) and channels_last.
 Lightning runs our real LitClassifier and DataModule (metrics and per-step lr logging included,
 no progress bar, no checkpoints). The two alternate in rounds so machine noise hits both.
 Run alone on the machine.
@@ -15,17 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from _common import StepTimer
+from cifarkit.optim import MuonSGD
 from cifarkit.presets import preset_config
 from cifarkit.train import build_datamodule, build_module, resolve_precision
 
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=40)
-p.add_argument("--batch-size", type=int, default=512)
+p.add_argument("--batch-size", type=int, default=256)
 p.add_argument("--rounds", type=int, default=2)
 args = p.parse_args()
 
 cfg = preset_config("fast", batch_size=args.batch_size, subset=args.batch_size * args.steps, val_size=0,
                     lookahead=False)  # the plain loop has no weight averaging either
+cfg.augment = {k: v for k, v in cfg.augment.items() if not k.startswith("low_res")}  # full-size steps
 dm = build_datamodule(cfg)
 precision = resolve_precision("auto", "cpu")
 bf16 = precision == "bf16-mixed"
@@ -45,7 +48,8 @@ def plain_run():
     module = build_module(cfg, dm, lr=cfg.lr)
     net, hp = module.net, module.hparams
     groups = module._param_groups()
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+    kind = MuonSGD if hp.muon_lr else torch.optim.SGD
+    opt = kind(groups, lr=cfg.lr, momentum=hp.momentum, nesterov=hp.nesterov)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=args.steps,
                                                 pct_start=hp.pct_start, anneal_strategy="linear",
                                                 div_factor=hp.div_factor, final_div_factor=hp.final_div_factor,

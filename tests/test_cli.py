@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from cifarkit.cli import main
@@ -63,7 +64,8 @@ def test_summary_prints_the_seed_table_totals(capsys):
 def test_train_on_a_toy_folder_writes_a_complete_run_and_replays_its_config(capsys, tmp_path, image_folder):
     out = tmp_path / "run"
     args = ["train", "--data", str(image_folder), "--model", "custom_resnet", "--epochs", "1",
-            "--batch-size", "16", "--val-size", "8", "--lr", "0.05", "--out", str(out), "--seed", "1"]
+            "--batch-size", "16", "--val-size", "8", "--lr", "0.05", "--out", str(out), "--seed", "1",
+            "--muon-lr", "0.02"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"run directory: {out}" in printed and "test accuracy:" in printed
@@ -74,6 +76,7 @@ def test_train_on_a_toy_folder_writes_a_complete_run_and_replays_its_config(caps
     assert {"test_acc", "test_loss", "epochs", "seconds", "preset", "model", "data", "seed",
             "cifarkit_version"} <= set(res)
     assert res["model"] == "custom_resnet" and res["seed"] == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["muon_lr"] == 0.02
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "test_acc"} <= set(header)
     replay = tmp_path / "replay"

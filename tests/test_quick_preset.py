@@ -7,8 +7,8 @@ import pytest
 
 
 @pytest.mark.slow
-def test_quick_preset_reaches_80_percent_on_the_real_copy(tmp_path, cifar_path):
-    """The README's demo: `cifarkit train --preset quick` on CIFAR-10 (JPEG-q75 copy), ~5 min on 2 cores."""
+def test_quick_preset_reaches_83_percent_on_the_real_copy(tmp_path, cifar_path):
+    """The README's demo: `cifarkit train --preset quick` on CIFAR-10 (JPEG-q75 copy), ~4 min on 2 cores."""
     out = tmp_path / "quick"
     env = dict(os.environ, CIFARKIT_DATA=str(cifar_path))
     r = subprocess.run([sys.executable, "-m", "cifarkit", "train", "--preset", "quick", "--out", str(out)],
@@ -17,4 +17,4 @@ def test_quick_preset_reaches_80_percent_on_the_real_copy(tmp_path, cifar_path):
     assert f"run directory: {out}" in r.stdout
     res = json.loads((out / "results.json").read_text())
     print(f"quick preset: test_acc {res['test_acc']:.4f} in {res['seconds']} s")
-    assert res["test_acc"] >= 0.80
+    assert res["test_acc"] >= 0.83

@@ -16,6 +16,7 @@ TRAIN_OPTIONS = {  # flag -> (TrainConfig field, type, help)
     "--epochs": ("epochs", float, "epochs, may be fractional"),
     "--batch-size": ("batch_size", int, "training batch size"),
     "--lr": ("lr", str, "peak learning rate, or 'auto' for the LR range test"),
+    "--muon-lr": ("muon_lr", float, "Muon step for conv filters, a fraction of their norm (0: plain SGD)"),
     "--data": ("data", str, "CIFAR python tarball/folder, ImageFolder tree or .tar.gz of one"),
     "--dataset": ("dataset", str, "cifar10 | cifar100 | folder"),
     "--subset": ("subset", int, "train on the first N training images, class-balanced"),

@@ -1,6 +1,8 @@
 """One LightningModule around any registered net: loss, metrics, SGD + OneCycle, lookahead, TTA."""
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -8,8 +10,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from .optim import MuonSGD
+
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 LOOKAHEAD_EVERY = 5  # steps between weight-averaging updates
+LOOKAHEAD_DECAY = 0.95  # per 1024 training examples: the same averaging window at any batch size
 
 
 def tta_logits(net: nn.Module, x: torch.Tensor, level: int = 0) -> torch.Tensor:
@@ -36,7 +41,8 @@ class LitClassifier(L.LightningModule):
                  nesterov: bool = False, weight_decay: float = 5e-4, bias_lr_scale: float = 1.0,
                  label_smoothing: float = 0.0, schedule: str = "cosine", pct_start: float = 0.3,
                  div_factor: float = 25.0, final_div_factor: float = 1e4, cycle_momentum: bool = True,
-                 lookahead: bool = False, whiten_bias_epochs: int = 0, tta: int = 0):
+                 lookahead: bool = False, whiten_bias_epochs: int = 0, tta: int = 0,
+                 muon_lr: float = 0.0, muon_momentum: float = 0.6):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
@@ -49,6 +55,7 @@ class LitClassifier(L.LightningModule):
         for m in (self.train_loss, self.train_acc):
             m.persistent(True)
         self._ema: dict[str, torch.Tensor] | None = None
+        self._batch = 1024  # examples in the latest training batch
 
     def forward(self, x):
         return self.net(x)
@@ -57,6 +64,7 @@ class LitClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        self._batch = len(y) * self.trainer.world_size  # examples per optimizer step
         logits = self.net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits, y)
@@ -85,9 +93,12 @@ class LitClassifier(L.LightningModule):
         hp = self.hparams
         norm_ids = {id(p) for m in self.net.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
         params = [p for p in self.net.parameters() if p.requires_grad]
-        other = [p for p in params if id(p) not in norm_ids]
+        filters = [p for p in params if p.ndim == 4] if hp.muon_lr else []
+        other = [p for p in params if id(p) not in norm_ids and all(p is not f for f in filters)]
         norm = [p for p in params if id(p) in norm_ids]
         groups = [dict(params=other, lr=self.lr, weight_decay=hp.weight_decay)]
+        if filters:  # Muon: the rate is the step's fraction of the (normalized) filter bank
+            groups.append(dict(params=filters, lr=hp.muon_lr, momentum=hp.muon_momentum, muon=True))
         if norm:
             groups.append(dict(params=norm, lr=self.lr * hp.bias_lr_scale,
                                weight_decay=hp.weight_decay / hp.bias_lr_scale))
@@ -100,7 +111,8 @@ class LitClassifier(L.LightningModule):
         hp = self.hparams
         self.lr = float(self.trainer.strategy.broadcast(self.lr, src=0))  # every rank takes rank 0's
         groups = self._param_groups()
-        opt = torch.optim.SGD(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        kind = MuonSGD if hp.muon_lr else torch.optim.SGD
+        opt = kind(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=[g["lr"] for g in groups], total_steps=self.total_steps(),
             pct_start=hp.pct_start, anneal_strategy="cos" if hp.schedule == "cosine" else "linear",
@@ -111,10 +123,12 @@ class LitClassifier(L.LightningModule):
     # -- fast-recipe hooks -----------------------------------------------------------------------
 
     def on_train_start(self):
+        self._epoch_start = time.perf_counter()  # a run resumed inside an epoch times from here
         if self._ema is not None:  # restored from a checkpoint, on the CPU
             self._ema = {k: v.to(self.device) for k, v in self._ema.items()}
 
     def on_train_epoch_start(self):
+        self._epoch_start = time.perf_counter()
         self.train_loss.reset()  # a fresh epoch: forget state restored from an epoch-end checkpoint
         self.train_acc.reset()
         # The whitening stem's bias trains for its first epochs only. On one device the net then
@@ -122,6 +136,11 @@ class LitClassifier(L.LightningModule):
         # set of trained parameters must stay fixed: the gradient is computed and dropped instead.
         if hasattr(self.net, "stem_bias_trains"):
             self.net.stem_bias_trains = self._stem_bias_trains() or self.trainer.world_size > 1
+
+    def on_train_epoch_end(self):
+        # wall-clock seconds of the epoch's training steps (a resumed epoch counts from the resume);
+        # not saved in checkpoints, so two runs of one seed differ in this column only
+        self.log("epoch_seconds", time.perf_counter() - self._epoch_start, on_epoch=True)
 
     def _stem_bias_trains(self) -> bool:
         return self.current_epoch < self.hparams.whiten_bias_epochs
@@ -144,7 +163,8 @@ class LitClassifier(L.LightningModule):
         if step >= total:
             self._lookahead(1.0)  # the last step: the net becomes the average
         elif step % LOOKAHEAD_EVERY == 0:
-            self._lookahead(0.95 ** LOOKAHEAD_EVERY * (step / total) ** 3)
+            per_step = LOOKAHEAD_DECAY ** (self._batch / 1024)
+            self._lookahead(per_step ** LOOKAHEAD_EVERY * (step / total) ** 3)
 
     @torch.no_grad()
     def _lookahead(self, decay: float) -> None:

@@ -38,7 +38,7 @@ from .weights import WEIGHTS_NAME, save_weights
 
 MODULE_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "bias_lr_scale", "label_smoothing",
                "schedule", "pct_start", "div_factor", "final_div_factor", "cycle_momentum",
-               "lookahead", "whiten_bias_epochs", "tta")
+               "lookahead", "whiten_bias_epochs", "tta", "muon_lr", "muon_momentum")
 RUN_DIR_ENV = "CIFARKIT_RUN_DIR"  # rank 0's run directory, for the ranks Lightning's launcher starts
 
 
