@@ -106,3 +106,29 @@ def test_module_entry_point_runs_and_errors_cleanly():
     r = subprocess.run([sys.executable, "-m", "cifarkit", "summary", "--model", "nope"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "resnet18_gn" in r.stderr
+
+
+def test_albumentations_with_the_fast_preset_trains_at_full_size_and_says_so(capsys):
+    from cifarkit.cli import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["train", "--preset", "fast", "--augment", "albumentations"]))
+    assert cfg.augment["pipeline"] == "albumentations" and "low_res" not in cfg.augment
+    assert "no low-res epochs" in capsys.readouterr().err
+    cfg = config_from_args(build_parser().parse_args(["train", "--preset", "fast"]))
+    assert cfg.augment["low_res"] == 24 and cfg.augment["low_res_epochs"] == 4
+
+
+def test_a_short_fast_run_keeps_half_its_epochs_at_full_size(capsys):
+    from cifarkit.cli import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["train", "--preset", "fast", "--epochs", "3"]))
+    assert cfg.augment["low_res_epochs"] == 1 and "1 of the 3 epochs at 24 px" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--muon-lr", "-1"], "--muon-lr must be >= 0"),
+    (["--lr", "auto"], "--lr auto sweeps one rate"),
+    (["--preset", "seed", "--muon-lr", "0.05", "--lr", "0.1"], "Muon keeps a fixed momentum"),
+])
+def test_muon_settings_that_cannot_work_are_refused_in_one_line(capsys, flags, says):
+    assert main(["train", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1

@@ -126,7 +126,7 @@ def test_ctrl_c_saves_a_checkpoint_writes_the_report_and_prints_the_resume_comma
 def test_resume_before_any_checkpoint_keeps_the_recorded_lr_and_runs_no_new_range_test(tmp_path, toy, capsys):
     run = tmp_path / "run"  # killed after the LR range test, before the first checkpoint
     run.mkdir()
-    preset_config("fast", data=str(toy), epochs=1, batch_size=10, val_size=8, lr="auto",
+    preset_config("fast", data=str(toy), epochs=1, batch_size=10, val_size=8, lr="auto", muon_lr=0.0,
                   out=str(run)).to_yaml(run / "config.yaml")
     (run / "lr_find.json").write_text(json.dumps({"lr": [], "loss": [], "suggestion": 0.0123}))
     assert main(["train", "--resume", str(run), "--no-report"]) == 0

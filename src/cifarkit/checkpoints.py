@@ -153,7 +153,7 @@ class RunGuard(Callback):
         self._stop_at_the_end(trainer)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         # the loss was computed before this step's update; the weights after it go into checkpoints
-        weights = torch.nn.utils.get_total_norm([p.detach() for p in pl_module.parameters()])
+        weights = torch.stack([p.detach().norm() for p in pl_module.parameters()]).sum()
         flags = torch.tensor([float(self.stop_requested), float(not torch.isfinite(loss).all()),
                               float(not torch.isfinite(weights))], device=loss.device)
         if trainer.world_size > 1:  # every rank takes the same decision, or the others would hang

@@ -68,6 +68,15 @@ def config_from_args(args):
         cfg = preset_config(args.preset or "fast", **overrides)
     if args.augment:
         cfg.augment = {**cfg.augment, "pipeline": args.augment}
+        if args.augment == "albumentations" and cfg.augment.pop("low_res", 0):
+            cfg.augment.pop("low_res_epochs", None)
+            print("notice: the albumentations pipeline trains at full size throughout (no low-res epochs)",
+                  file=sys.stderr)
+    low_epochs = cfg.augment.get("low_res_epochs", 0)
+    if cfg.augment.get("low_res") and low_epochs > cfg.epochs / 2:  # e.g. the fast preset with --epochs 4
+        cfg.augment = {**cfg.augment, "low_res_epochs": int(cfg.epochs // 2)}
+        print(f"notice: {cfg.augment['low_res_epochs']} of the {cfg.epochs:g} epochs at {cfg.augment['low_res']} px "
+              f"(at most half the run trains on low-res images)", file=sys.stderr)
     if args.config and args.out is None:
         cfg.out = None  # a replay writes a new run, never over the original
     return cfg

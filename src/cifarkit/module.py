@@ -138,9 +138,9 @@ class LitClassifier(L.LightningModule):
             self.net.stem_bias_trains = self._stem_bias_trains() or self.trainer.world_size > 1
 
     def on_train_epoch_end(self):
-        # wall-clock seconds of the epoch's training steps (a resumed epoch counts from the resume);
-        # not saved in checkpoints, so two runs of one seed differ in this column only
-        self.log("epoch_seconds", time.perf_counter() - self._epoch_start, on_epoch=True)
+        # wall-clock seconds of the epoch, its validation included (a resumed epoch counts from the
+        # resume); the one column in which two runs of one seed differ
+        self.log("epoch_seconds", time.perf_counter() - self._epoch_start, on_epoch=True, sync_dist=True)
 
     def _stem_bias_trains(self) -> bool:
         return self.current_epoch < self.hparams.whiten_bias_epochs

@@ -85,7 +85,7 @@ class TrainConfig:
 
 # The fast recipe: an airbench-class net and its training tricks, in mean-loss units for a batch
 # of 256 (peak lr 0.375 on the mean; the same rate per example as 1.5 at batch 1024, and on 2 CPU
-# cores batch 256 runs 13% more images/s). Conv filters train with Muon: +0.7 points at 7 epochs.
+# cores batch 256 runs 8% more images/s). Conv filters train with Muon: +0.7 points at 7 epochs.
 _FAST = dict(
     model="fast", batch_size=256, lr=0.375, momentum=0.85, nesterov=True, weight_decay=1.33e-3,
     bias_lr_scale=64.0, label_smoothing=0.2, schedule="linear", pct_start=0.23, div_factor=5.0,

@@ -116,6 +116,14 @@ def validate(cfg: TrainConfig) -> None:
         raise CifarkitError("--epochs and --batch-size must be positive")
     if cfg.ckpt_every_steps < 0 or cfg.num_nodes < 1:
         raise CifarkitError("--ckpt-every-steps must be >= 0 and --num-nodes >= 1")
+    if cfg.muon_lr < 0:
+        raise CifarkitError(f"--muon-lr must be >= 0 (0 turns Muon off), got {cfg.muon_lr}")
+    if cfg.muon_lr and cfg.lr == "auto":
+        raise CifarkitError("--lr auto sweeps one rate for every parameter, Muon's filters included; "
+                            "give --lr a number, or pass --muon-lr 0")
+    if cfg.muon_lr and cfg.cycle_momentum:
+        raise CifarkitError("Muon keeps a fixed momentum, but this recipe cycles momentum (cycle_momentum); "
+                            "pass --muon-lr 0, or use the fast or quick preset")
 
 
 # ---------------------------------------------------------------------------------------------
