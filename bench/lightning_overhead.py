@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from _common import StepTimer
-from cifarkit.optim import MuonSGD
 from cifarkit.presets import preset_config
 from cifarkit.train import build_datamodule, build_module, resolve_precision
 
@@ -48,8 +47,7 @@ def plain_run():
     module = build_module(cfg, dm, lr=cfg.lr)
     net, hp = module.net, module.hparams
     groups = module._param_groups()
-    kind = MuonSGD if hp.muon_lr else torch.optim.SGD
-    opt = kind(groups, lr=cfg.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+    opt = module._optimizer(groups)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=args.steps,
                                                 pct_start=hp.pct_start, anneal_strategy="linear",
                                                 div_factor=hp.div_factor, final_div_factor=hp.final_div_factor,

@@ -93,8 +93,9 @@ class LitClassifier(L.LightningModule):
         hp = self.hparams
         norm_ids = {id(p) for m in self.net.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
         params = [p for p in self.net.parameters() if p.requires_grad]
-        filters = [p for p in params if p.ndim == 4] if hp.muon_lr else []
-        other = [p for p in params if id(p) not in norm_ids and all(p is not f for f in filters)]
+        filters = [p for p in params if p.ndim == 4 and id(p) not in norm_ids] if hp.muon_lr else []
+        filter_ids = {id(p) for p in filters}
+        other = [p for p in params if id(p) not in norm_ids | filter_ids]
         norm = [p for p in params if id(p) in norm_ids]
         groups = [dict(params=other, lr=self.lr, weight_decay=hp.weight_decay)]
         if filters:  # Muon: the rate is the step's fraction of the (normalized) filter bank
@@ -107,12 +108,16 @@ class LitClassifier(L.LightningModule):
     def total_steps(self) -> int:
         return self.steps or int(self.trainer.estimated_stepping_batches)
 
+    def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        hp = self.hparams
+        kind = MuonSGD if hp.muon_lr else torch.optim.SGD
+        return kind(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+
     def configure_optimizers(self):
         hp = self.hparams
         self.lr = float(self.trainer.strategy.broadcast(self.lr, src=0))  # every rank takes rank 0's
         groups = self._param_groups()
-        kind = MuonSGD if hp.muon_lr else torch.optim.SGD
-        opt = kind(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        opt = self._optimizer(groups)
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=[g["lr"] for g in groups], total_steps=self.total_steps(),
             pct_start=hp.pct_start, anneal_strategy="cos" if hp.schedule == "cosine" else "linear",
