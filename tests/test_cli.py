@@ -132,3 +132,16 @@ def test_muon_settings_that_cannot_work_are_refused_in_one_line(capsys, flags, s
     assert main(["train", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("tta_threshold", 0.0, "tta_threshold must be in (0, 1]"),
+    ("tta_threshold", 1.5, "tta_threshold must be in (0, 1]"),
+    ("tta", 5, "tta must be 0, 1 or 2"),
+])
+def test_test_time_view_settings_out_of_range_are_refused_in_one_line(tmp_path, capsys, key, value, says):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"preset: fast\n{key}: {value}\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1

@@ -26,6 +26,31 @@ def test_tta_makes_the_stated_number_of_views(level):
     assert out.shape == (5, 4) and net.calls == tta_views(level)
 
 
+class Seen(nn.Module):
+    """Logits from the image's mean (confident for bright images); records each batch size."""
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([10 * m, -10 * m, x[:, 0, 0, 0], x[:, 1, 0, -1]], dim=1)
+
+
+def test_tta_threshold_gives_extra_views_only_to_unsure_images():
+    x = torch.rand(6, 3, 32, 32) * 0.2
+    x[:2] += 2.0                                       # two images the net is sure about
+    net = Seen()
+    full = tta_logits(net, x, 2)
+    net.sizes.clear()
+    gated = tta_logits(net, x, 2, threshold=0.9)
+    assert net.sizes == [6] + [4] * (tta_views(2) - 1)  # the plain pass, then views of the 4 unsure
+    assert torch.equal(gated[:2], net(x)[:2])           # the sure ones keep their plain logits
+    assert torch.allclose(gated[2:], full[2:], atol=1e-6)
+    assert torch.equal(tta_logits(net, x, 2, threshold=1.0), full)
+
+
 def test_tta_of_a_mirror_invariant_net_equals_the_plain_prediction():
     net = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4))
     x = torch.randn(2, 3, 32, 32)

@@ -47,6 +47,7 @@ class TrainConfig:
     lookahead: bool = False            # EMA of weights every 5 steps, copied back (fast recipe)
     whiten_bias_epochs: int = 0        # epochs the whitening stem's bias trains (fast net)
     tta: int = 0                       # test-time views: 0 none, 1 +mirror, 2 +mirror +translate
+    tta_threshold: float = 1.0         # extra views only where the plain top probability is below this
     lr_find: dict = field(default_factory=lambda: {"min_lr": 1e-5, "max_lr": 10.0, "num_training": 200})
     # machine and outputs
     seed: int = 0
@@ -86,11 +87,13 @@ class TrainConfig:
 # The fast recipe: an airbench-class net and its training tricks, in mean-loss units for a batch
 # of 256 (peak lr 0.375 on the mean; the same rate per example as 1.5 at batch 1024, and on 2 CPU
 # cores batch 256 runs 8% more images/s). Conv filters train with Muon: +0.7 points at 7 epochs.
+# Test-time views go only to the images the plain pass gives < 70% (a third of them): on four
+# trained nets, the same test accuracy as viewing all in 17 s instead of 39 s (2 CPU cores).
 _FAST = dict(
     model="fast", batch_size=256, lr=0.375, momentum=0.85, nesterov=True, weight_decay=1.33e-3,
     bias_lr_scale=64.0, label_smoothing=0.2, schedule="linear", pct_start=0.23, div_factor=5.0,
     final_div_factor=0.2 / 0.07, cycle_momentum=False, lookahead=True, whiten_bias_epochs=3, tta=2,
-    muon_lr=0.08, muon_momentum=0.8, eval_batch_size=250,
+    tta_threshold=0.7, muon_lr=0.08, muon_momentum=0.8, eval_batch_size=250,
     augment={"flip": "alternate", "pad": 2, "pad_mode": "reflect"},
 )
 

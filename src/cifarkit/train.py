@@ -38,7 +38,7 @@ from .weights import WEIGHTS_NAME, save_weights
 
 MODULE_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "bias_lr_scale", "label_smoothing",
                "schedule", "pct_start", "div_factor", "final_div_factor", "cycle_momentum",
-               "lookahead", "whiten_bias_epochs", "tta", "muon_lr", "muon_momentum")
+               "lookahead", "whiten_bias_epochs", "tta", "tta_threshold", "muon_lr", "muon_momentum")
 RUN_DIR_ENV = "CIFARKIT_RUN_DIR"  # rank 0's run directory, for the ranks Lightning's launcher starts
 
 
@@ -116,6 +116,11 @@ def validate(cfg: TrainConfig) -> None:
         raise CifarkitError("--epochs and --batch-size must be positive")
     if cfg.ckpt_every_steps < 0 or cfg.num_nodes < 1:
         raise CifarkitError("--ckpt-every-steps must be >= 0 and --num-nodes >= 1")
+    if cfg.tta not in (0, 1, 2):
+        raise CifarkitError(f"tta must be 0, 1 or 2 (test-time views level), got {cfg.tta}")
+    if not 0 < cfg.tta_threshold <= 1:
+        raise CifarkitError(f"tta_threshold must be in (0, 1] (1: every test image gets every view), "
+                            f"got {cfg.tta_threshold}")
     if cfg.muon_lr < 0:
         raise CifarkitError(f"--muon-lr must be >= 0 (0 turns Muon off), got {cfg.muon_lr}")
     if cfg.muon_lr and cfg.lr == "auto":
@@ -249,6 +254,7 @@ def _write_results(cfg, dm, module, trainer, test: dict, lr: float, run_dir: Pat
                "preset": cfg.preset, "model": cfg.model, "lr": lr, "data": dm.arrays.source,
                "train_images": len(dm.train_idx), "val_images": len(dm.val_idx),
                "test_images": len(dm.arrays.test_y), "seed": cfg.seed, "tta": cfg.tta,
+               "tta_threshold": cfg.tta_threshold,
                "precision": trainer_kwargs(cfg)["precision"], "world_size": trainer.world_size,
                "resumed_from_step": resumed_step, "cifarkit_version": __version__,
                "torch_version": torch.__version__, "threads": torch.get_num_threads(),
@@ -307,7 +313,8 @@ def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = Non
     loaded = load(run_dir, expect=(cfg.model, len(dm.classes)))
     dm.augment = Augment(loaded.mean, loaded.std)  # the statistics the weights were trained with
     level = cfg.tta if tta is None else tta
-    module = LitClassifier(loaded.net.to(memory_format=torch.channels_last), len(loaded.classes), tta=level)
+    module = LitClassifier(loaded.net.to(memory_format=torch.channels_last), len(loaded.classes), tta=level,
+                           tta_threshold=cfg.tta_threshold)
     one_device = {"devices": 1, "num_nodes": 1, "strategy": "auto"}  # a DDP run is tested on one
     with _machine_errors():
         trainer = L.Trainer(**{**trainer_kwargs(cfg), **one_device}, logger=False, enable_checkpointing=False)
