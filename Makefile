@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python bench/fast_time_to_accuracy.py --preset fast --seeds 0 1 2
 	$(BIN)/python bench/fast_time_to_accuracy.py --preset quick --seeds 0
 	$(BIN)/python bench/report_time.py runs/bench/fast-seed0 --repeat 3
+	$(BIN)/python bench/tta_threshold.py runs/bench/fast-seed0 runs/bench/fast-seed1 runs/bench/fast-seed2
 	$(BIN)/python bench/predict_throughput.py runs/bench/fast-seed0 --n 2000 --repeat 3
 	$(BIN)/python bench/app_latency.py runs/bench/fast-seed0 --clients 50 --requests 4
 

@@ -88,6 +88,8 @@ def test_train_on_a_toy_folder_writes_a_complete_run_and_replays_its_config(caps
 def test_test_and_predict_on_a_trained_run(capsys, tiny_run, tmp_path):
     assert main(["test", str(tiny_run), "--tta", "0"]) == 0
     assert "test accuracy:" in capsys.readouterr().out
+    assert main(["test", str(tiny_run), "--tta-threshold", "0"]) == 2
+    assert "--tta-threshold must be in (0, 1]" in capsys.readouterr().err
     img = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(img)
     bad = tmp_path / "bad.jpg"

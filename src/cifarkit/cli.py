@@ -146,7 +146,7 @@ def cmd_gradcam(args):
 
 def cmd_test(args):
     from .train import evaluate
-    res = evaluate(args.run_dir, args.data, args.tta)
+    res = evaluate(args.run_dir, args.data, args.tta, args.tta_threshold)
     print(f"test accuracy: {res['test_acc']:.4f}  test loss: {res['test_loss']:.4f}")
 
 
@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", help="another copy of the data source")
     p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time views (default: the run's)")
+    p.add_argument("--tta-threshold", type=float,
+                   help="extra views only for images whose plain top probability is below this; "
+                        "1 = every image (default: the run's)")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("lr-find", help="LR range test: prints the suggestion, saves the curve")

@@ -102,6 +102,11 @@ def _loggers(cfg: TrainConfig, run_dir: Path, resumed_step: int | None) -> list:
     return loggers
 
 
+def _check_tta_threshold(value: float, name: str) -> None:
+    if not 0 < value <= 1:
+        raise CifarkitError(f"{name} must be in (0, 1] (1: every test image gets every view), got {value}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Catch a bad choice before any data is decoded."""
     if cfg.model not in MODELS:
@@ -118,9 +123,7 @@ def validate(cfg: TrainConfig) -> None:
         raise CifarkitError("--ckpt-every-steps must be >= 0 and --num-nodes >= 1")
     if cfg.tta not in (0, 1, 2):
         raise CifarkitError(f"tta must be 0, 1 or 2 (test-time views level), got {cfg.tta}")
-    if not 0 < cfg.tta_threshold <= 1:
-        raise CifarkitError(f"tta_threshold must be in (0, 1] (1: every test image gets every view), "
-                            f"got {cfg.tta_threshold}")
+    _check_tta_threshold(cfg.tta_threshold, "tta_threshold")
     if cfg.muon_lr < 0:
         raise CifarkitError(f"--muon-lr must be >= 0 (0 turns Muon off), got {cfg.muon_lr}")
     if cfg.muon_lr and cfg.lr == "auto":
@@ -301,7 +304,8 @@ def fit(cfg: TrainConfig, resume: bool = False) -> Path:
     return run_dir
 
 
-def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = None) -> dict:
+def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = None,
+             tta_threshold: float | None = None) -> dict:
     """Test accuracy/loss of a finished run's final weights on its data source's test set."""
     from .weights import load
     run_dir = Path(run_dir)
@@ -309,12 +313,14 @@ def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = Non
     if not cfg_file.is_file():
         raise CifarkitError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = TrainConfig.from_yaml(cfg_file)
+    threshold = cfg.tta_threshold if tta_threshold is None else tta_threshold
+    _check_tta_threshold(threshold, "--tta-threshold")
     dm = build_datamodule(TrainConfig.from_dict({**cfg.__dict__, "data": data or cfg.data}))
     loaded = load(run_dir, expect=(cfg.model, len(dm.classes)))
     dm.augment = Augment(loaded.mean, loaded.std)  # the statistics the weights were trained with
     level = cfg.tta if tta is None else tta
     module = LitClassifier(loaded.net.to(memory_format=torch.channels_last), len(loaded.classes), tta=level,
-                           tta_threshold=cfg.tta_threshold)
+                           tta_threshold=threshold)
     one_device = {"devices": 1, "num_nodes": 1, "strategy": "auto"}  # a DDP run is tested on one
     with _machine_errors():
         trainer = L.Trainer(**{**trainer_kwargs(cfg), **one_device}, logger=False, enable_checkpointing=False)
