@@ -36,14 +36,16 @@ def tta_logits(net: nn.Module, x: torch.Tensor, level: int = 0, threshold: float
 
 
 def _views(net: nn.Module, x: torch.Tensor, level: int, plain: torch.Tensor) -> torch.Tensor:
-    logits = 0.5 * plain + 0.5 * net(x.flip(-1))
+    def mirror(v, logits):  # logits: net(v), already computed
+        return 0.5 * logits + 0.5 * net(v.flip(-1))
+
+    out = mirror(x, plain)
     if level >= 2:
         h, w = x.shape[-2:]
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")         # (B, 3, H+2, W+2)
         shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]    # up-left and down-right by 1 px
-        mirrored = [0.5 * net(v) + 0.5 * net(v.flip(-1)) for v in shifted]
-        logits = 0.5 * logits + 0.5 * torch.stack(mirrored).mean(0)
-    return logits
+        out = 0.5 * out + 0.5 * torch.stack([mirror(v, net(v)) for v in shifted]).mean(0)
+    return out
 
 
 def tta_views(level: int) -> int:
@@ -109,8 +111,8 @@ class LitClassifier(L.LightningModule):
         norm_ids = {id(p) for m in self.net.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
         params = [p for p in self.net.parameters() if p.requires_grad]
         filters = [p for p in params if p.ndim == 4 and id(p) not in norm_ids] if hp.muon_lr else []
-        filter_ids = {id(p) for p in filters}
-        other = [p for p in params if id(p) not in norm_ids | filter_ids]
+        not_other = norm_ids | {id(p) for p in filters}
+        other = [p for p in params if id(p) not in not_other]
         norm = [p for p in params if id(p) in norm_ids]
         groups = [dict(params=other, lr=self.lr, weight_decay=hp.weight_decay)]
         if filters:  # Muon: the rate is the step's fraction of the (normalized) filter bank
