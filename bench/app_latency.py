@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from gradio_client import Client, handle_file
-
 from PIL import Image
 
 from cifarkit.app import launch
+from cifarkit.rundir import RunDir
 
 p = argparse.ArgumentParser()
 p.add_argument("run_dir")
@@ -36,7 +36,7 @@ url = f"http://127.0.0.1:{port}/"
 # file in Gradio's cache.
 tmp = Path(tempfile.mkdtemp())
 rng = np.random.default_rng(0)
-base = np.asarray(Image.open(sorted((Path(args.run_dir) / "examples").glob("*.png"))[0]).convert("RGB"))
+base = np.asarray(Image.open(RunDir(args.run_dir).examples()[0]).convert("RGB"))
 images = []
 for i in range(args.clients):
     noisy = np.clip(base.astype(int) + rng.integers(-8, 9, base.shape), 0, 255).astype(np.uint8)

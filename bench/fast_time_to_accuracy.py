@@ -7,13 +7,13 @@ augmentation) and wall-clock seconds per seed, then mean and standard deviation.
 Run alone on the machine: two trainings on the same cores measure each other.
 """
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from cifarkit.rundir import RunDir
 from cifarkit.sources import load_arrays
 
 p = argparse.ArgumentParser()
@@ -31,7 +31,7 @@ for seed in args.seeds:
     subprocess.run([sys.executable, "-m", "cifarkit", "train", "--preset", args.preset, "--seed", str(seed),
                     "--out", str(out), "--no-report", *args.extra], check=True)
     secs.append(time.perf_counter() - t)
-    accs.append(json.loads((out / "results.json").read_text())["test_acc"])
+    accs.append(RunDir(out).read_results().test_acc)
     print(f"seed {seed}: test accuracy {accs[-1]:.4f}, {secs[-1]:.0f} s wall-clock", flush=True)
 sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
 print(f"{args.preset}: {statistics.mean(accs):.4f} +- {sd:.4f} test accuracy, "

@@ -34,7 +34,7 @@ bf16 = precision == "bf16-mixed"
 
 
 def lightning_run():
-    module = build_module(cfg, dm, lr=cfg.lr)
+    module = build_module(cfg, dm)
     timer = StepTimer(5)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=args.steps, max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -44,8 +44,8 @@ def lightning_run():
 
 
 def plain_run():
-    module = build_module(cfg, dm, lr=cfg.lr)
-    net, hp = module.net, module.hparams
+    module = build_module(cfg, dm)
+    net, hp = module.net, module.cfg
     groups = module._param_groups()
     opt = module._optimizer(groups)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=args.steps,

@@ -7,7 +7,6 @@ Each variant is the `fast` preset with the overrides below, written to a config 
 start to printed result). One run costs 4-15 minutes on 2 CPU cores; run alone on the machine.
 """
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from cifarkit.presets import preset_config
+from cifarkit.rundir import RunDir
 from cifarkit.sources import load_arrays
 
 NO_LOW_RES = {"flip": "alternate", "pad": 2, "pad_mode": "reflect"}
@@ -74,6 +74,6 @@ for name in args.variants:
     subprocess.run([sys.executable, "-m", "cifarkit", "train", "--config", f.name, "--out", str(out),
                     "--no-report"], check=True)
     secs = time.perf_counter() - t
-    acc = json.loads((out / "results.json").read_text())["test_acc"]
+    acc = RunDir(out).read_results().test_acc
     print(f"{name}: test accuracy {acc:.4f}, {secs:.0f} s wall-clock (seed {args.seed})", flush=True)
     print(yaml.safe_dump({name: VARIANTS[name]}, default_flow_style=True).strip())

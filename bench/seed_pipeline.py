@@ -19,6 +19,7 @@ then the baseline for the same epochs, split, peak rate and test set; both print
 seconds per epoch. Run alone on the machine.
 """
 import argparse
+import dataclasses
 import json
 import time
 
@@ -124,7 +125,7 @@ def images_per_second() -> None:
     for _ in range(args.rounds):
         rates["baseline"].append(run(SeedModule(0.1), train_dataloaders=loader(
             a.train_x[dm.train_idx], a.train_y[dm.train_idx], True)))
-        rates["ours"].append(run(build_module(cfg, dm, lr=0.1), datamodule=dm))
+        rates["ours"].append(run(build_module(dataclasses.replace(cfg, lr=0.1), dm), datamodule=dm))
     b, o = max(rates["baseline"]), max(rates["ours"])
     print(f"images/s (best of {args.rounds}): seed pipeline {b:.1f}, --preset seed {o:.1f}; ratio {o / b:.2f}x "
           f"(batch {batch}, {trainer_kwargs(cfg)['precision']} vs 32-true, {torch.get_num_threads()} threads)")
@@ -134,7 +135,7 @@ def accuracy_per_epoch() -> None:
     L.seed_everything(cfg.seed, verbose=False)
     run = fit(preset_config("seed", epochs=args.epochs, batch_size=batch, data=cfg.data, subset=subset,
                             out=f"{args.out}/seed-preset-{args.epochs}ep"))
-    ours = json.loads((run / "results.json").read_text())
+    ours = run.read_results().to_dict()
     a = dm.arrays
     t = time.perf_counter()
     module = SeedModule(ours["lr"])

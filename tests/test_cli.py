@@ -61,6 +61,7 @@ def test_summary_prints_the_seed_table_totals(capsys):
     assert "[-1, 128, 32, 32]" in out  # stage 2 stays at 32x32, as in the seed
 
 
+@pytest.mark.slow
 def test_train_on_a_toy_folder_writes_a_complete_run_and_replays_its_config(capsys, tmp_path, image_folder):
     out = tmp_path / "run"
     args = ["train", "--data", str(image_folder), "--model", "custom_resnet", "--epochs", "1",
@@ -139,7 +140,7 @@ def test_muon_settings_that_cannot_work_are_refused_in_one_line(capsys, flags, s
 @pytest.mark.parametrize("key, value, says", [
     ("tta_threshold", 0.0, "tta_threshold must be in (0, 1]"),
     ("tta_threshold", 1.5, "tta_threshold must be in (0, 1]"),
-    ("tta", 5, "tta must be 0, 1 or 2"),
+    ("tta", 5, "unknown tta '5'; choose one of: 0, 1, 2"),
 ])
 def test_test_time_view_settings_out_of_range_are_refused_in_one_line(tmp_path, capsys, key, value, says):
     cfg = tmp_path / "config.yaml"

@@ -49,15 +49,44 @@ def test_gradcam_matches_a_direct_computation():
     assert np.allclose(maps, direct_gradcam(net, x, targets), atol=0.02)
 
 
+class Spot(nn.Module):
+    """Class 0's logit is the mean of a feature that fires on red, class 1's on blue: a map for a
+    class must light up where that class's colour is."""
+    cam_layers = ("features",)
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv2d(3, 2, 1, bias=False)      # (B, 2, 32, 32): channel 0 red, 1 blue
+        with torch.no_grad():
+            self.features.weight.copy_(torch.tensor([[1.0, -1, -1], [-1, -1, 1]]).view(2, 3, 1, 1))
+
+    def forward(self, x):
+        return torch.relu(self.features(x)).mean((2, 3)) * 10  # (B, 2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_lights_up_where_the_target_class_is(method):
+    x = torch.zeros(2, 3, 32, 32)
+    x[:, 0, 2:10, 2:10] = 1.0                             # a red square top-left
+    x[:, 2, 22:30, 22:30] = 1.0                           # a blue square bottom-right
+    maps = heatmaps(Spot().eval(), x, [0, 1], "features", method)  # image 0 asks red, image 1 blue
+    assert maps.shape == (2, 32, 32) and maps.dtype == np.float32
+    red, blue = (slice(2, 10), slice(2, 10)), (slice(22, 30), slice(22, 30))
+    if method != "eigencam":                              # EigenCAM ignores the target class
+        assert maps[0][red].mean() > 0.5 > maps[0][blue].mean()
+        assert maps[1][blue].mean() > 0.5 > maps[1][red].mean()
+    inside = np.zeros((32, 32), bool)
+    inside[red] = inside[blue] = True
+    assert maps[:, inside].mean() > 3 * maps[:, ~inside].mean()  # the squares, not the background
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model", ["fast", "resnet18_gn"])
-def test_every_method_gives_maps_in_unit_range_and_restores_the_model(method, model):
+def test_every_method_runs_on_the_real_models_and_restores_them(method, model):
     torch.manual_seed(0)
     net = build_model(model, 10).train()
-    x = torch.randn(2, 3, 32, 32)
-    maps = heatmaps(net, x, [3, 5], net.cam_layers[-1], method)
-    assert maps.shape == (2, 32, 32) and maps.dtype == np.float32
-    assert 0 <= maps.min() and maps.max() <= 1
+    maps = heatmaps(net, torch.randn(2, 3, 32, 32), [3, 5], net.cam_layers[-1], method)
+    assert maps.shape == (2, 32, 32) and np.isfinite(maps).all()
     assert net.training                                   # mode restored
     assert all(not m._forward_hooks and not m._backward_hooks for m in net.modules())  # hooks removed
 

@@ -1,3 +1,4 @@
+import pytest
 import math
 
 import lightning as L
@@ -7,13 +8,15 @@ from cifarkit.data import CIFARDataModule
 from cifarkit.lr_finder import find_lr, save_lr_find
 from cifarkit.models import build_model
 from cifarkit.module import LitClassifier
+from cifarkit.presets import TrainConfig
 
 
+@pytest.mark.slow
 def test_range_test_returns_a_finite_suggestion_a_curve_and_a_figure(image_folder, tmp_path):
     L.seed_everything(0)
     dm = CIFARDataModule(str(image_folder), batch_size=8, val_size=0).prepare()
     net = build_model("custom_resnet", len(dm.classes))
-    module = LitClassifier(net, len(dm.classes), lr=1e-3)
+    module = LitClassifier(net, len(dm.classes), TrainConfig(lr=1e-3))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     lr, curve, fig = find_lr(module, dm, dict(accelerator="cpu", enable_progress_bar=False,
                                              default_root_dir=str(tmp_path)),

@@ -5,7 +5,8 @@ from torch import nn
 
 from cifarkit.data import CIFARDataModule
 from cifarkit.models import build_model
-from cifarkit.module import LitClassifier, tta_logits, tta_views
+from cifarkit.module import LitClassifier, tta_logits
+from cifarkit.presets import TrainConfig
 
 
 class Counting(nn.Module):
@@ -19,11 +20,11 @@ class Counting(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.parametrize("level", [0, 1, 2])
-def test_tta_makes_the_stated_number_of_views(level):
-    net = Counting()
+@pytest.mark.parametrize("level, passes", [(0, 1), (1, 2), (2, 6)])
+def test_tta_makes_the_stated_number_of_views(level, passes):
+    net = Counting()  # level 2: plain + mirror, and each of two 1-px shifts with its mirror
     out = tta_logits(net, torch.randn(5, 3, 32, 32), level)
-    assert out.shape == (5, 4) and net.calls == tta_views(level)
+    assert out.shape == (5, 4) and net.calls == passes
 
 
 class Seen(nn.Module):
@@ -45,7 +46,7 @@ def test_tta_threshold_gives_extra_views_only_to_unsure_images():
     full = tta_logits(net, x, 2)
     net.sizes.clear()
     gated = tta_logits(net, x, 2, threshold=0.9)
-    assert net.sizes == [6] + [4] * (tta_views(2) - 1)  # the plain pass, then views of the 4 unsure
+    assert net.sizes == [6, 4, 4, 4, 4, 4]              # the plain pass, then 5 views of the 4 unsure
     assert torch.equal(gated[:2], net(x)[:2])           # the sure ones keep their plain logits
     assert torch.allclose(gated[2:], full[2:], atol=1e-6)
     assert torch.equal(tta_logits(net, x, 2, threshold=1.0), full)
@@ -59,7 +60,7 @@ def test_tta_of_a_mirror_invariant_net_equals_the_plain_prediction():
 
 def test_lookahead_update_rule():
     net = nn.Linear(3, 2)
-    module = LitClassifier(net, 2, lookahead=True)
+    module = LitClassifier(net, 2, TrainConfig(lookahead=True))
     module._ema = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
     w0 = net.weight.detach().clone()
     module._lookahead(0.75)                           # ema = 0.75 * 0 + 0.25 * w; w <- ema
@@ -77,12 +78,12 @@ class RecordLR(L.Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def _fit(folder, tmp_path, epochs=2, callbacks=(), **kw):
+def _fit(folder, tmp_path, epochs=2, callbacks=(), batch_size=8, **kw):
     L.seed_everything(0)
-    dm = CIFARDataModule(str(folder), batch_size=8, val_size=8, augment={"flip": "random"}).prepare()
+    dm = CIFARDataModule(str(folder), batch_size=batch_size, val_size=8, augment={"flip": "random"}).prepare()
     net = build_model("fast", len(dm.classes), widths=(8, 16, 16))
     net.init_from_data(dm.sample_images(32))
-    module = LitClassifier(net, len(dm.classes), lr=0.2, **kw)
+    module = LitClassifier(net, len(dm.classes), TrainConfig(lr=0.2, **kw))
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=tmp_path,
                         callbacks=list(callbacks))
@@ -90,6 +91,7 @@ def _fit(folder, tmp_path, epochs=2, callbacks=(), **kw):
     return trainer, module
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_one_cycle_ends_exactly_on_the_trainers_last_step(image_folder, tmp_path, schedule):
     rec = RecordLR()
@@ -113,6 +115,7 @@ class RecordBias(L.Callback):
         self.biases.append(module.net.whiten.bias.detach().clone())
 
 
+@pytest.mark.slow
 def test_whitening_bias_trains_only_for_its_epochs(image_folder, tmp_path):
     rec = RecordBias()
     _, module = _fit(image_folder, tmp_path, epochs=3, callbacks=[rec], whiten_bias_epochs=1)
@@ -137,8 +140,10 @@ def test_a_detached_stem_bias_gets_no_gradient_and_backward_stops_at_block1():
         assert net.block1.conv1.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_lookahead_runs_and_the_last_step_makes_the_net_the_average(image_folder, tmp_path):
-    trainer, module = _fit(image_folder, tmp_path, epochs=3, whiten_bias_epochs=1, lookahead=True)
+    trainer, module = _fit(image_folder, tmp_path, epochs=2, batch_size=6, whiten_bias_epochs=1, lookahead=True)
+    assert trainer.global_step == 14 and 14 % module.cfg.lookahead_every  # the last step is no regular update
     assert module._ema is not None
     for k, v in module.net.state_dict().items():    # after the last step the net is the average
         if v.dtype.is_floating_point:

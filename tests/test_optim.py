@@ -5,6 +5,7 @@ from torch import nn
 from cifarkit.models import build_model
 from cifarkit.module import LitClassifier
 from cifarkit.optim import MuonSGD, orthogonalize
+from cifarkit.presets import TrainConfig
 
 
 @pytest.mark.parametrize("shape", [(64, 576), (576, 64), (256, 2304)])
@@ -56,7 +57,7 @@ def test_a_muon_step_keeps_the_filter_norm_and_moves_every_direction_alike():
 
 def test_muon_takes_the_conv_filters_and_sgd_the_rest():
     net = build_model("fast", 10, widths=(8, 16, 16))
-    module = LitClassifier(net, 10, lr=0.5, bias_lr_scale=4.0, muon_lr=0.05)
+    module = LitClassifier(net, 10, TrainConfig(lr=0.5, bias_lr_scale=4.0, muon_lr=0.05))
     groups = module._param_groups()
     muon = [g for g in groups if g.get("muon")]
     assert len(muon) == 1 and muon[0]["lr"] == 0.05
@@ -64,5 +65,5 @@ def test_muon_takes_the_conv_filters_and_sgd_the_rest():
                                                   if p.ndim == 4 and p.requires_grad}
     placed = [id(p) for g in groups for p in g["params"]]
     assert sorted(placed) == sorted(id(p) for p in net.parameters() if p.requires_grad)  # each once
-    plain = LitClassifier(net, 10, lr=0.5, bias_lr_scale=4.0)._param_groups()
+    plain = LitClassifier(net, 10, TrainConfig(lr=0.5, bias_lr_scale=4.0))._param_groups()
     assert not any(g.get("muon") for g in plain)

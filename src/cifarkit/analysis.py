@@ -4,14 +4,12 @@ Everything returns data (numpy arrays, a dataclass); plots.py draws them.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .errors import CifarkitError
+from .rundir import RunDir
 from .weights import Loaded
 
 
@@ -35,31 +33,16 @@ class Predictions:
         return float((self.preds == self.labels).mean())
 
 
-@torch.no_grad()
 def predict_arrays(model: Loaded, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> Predictions:
-    """Softmax probabilities of uint8 images (N, 32, 32, 3) in batches, model in eval mode."""
-    net = model.net.eval().to(memory_format=torch.channels_last)  # ~1.4x faster on CPU
-    probs = [torch.softmax(net(model.normalize(images[i:i + batch_size])).float(), 1)
-             for i in range(0, len(images), batch_size)]
-    return Predictions(images, np.asarray(labels), torch.cat(probs).numpy(), list(model.classes))
+    """Probabilities of uint8 images (N, 32, 32, 3), in batches (`Loaded.probabilities`)."""
+    probs = model.probabilities(images, batch_size)
+    return Predictions(images, np.asarray(labels), probs.numpy(), list(model.classes))
 
 
-def data_source(run_dir: Path) -> tuple[str | None, str]:
-    """(data path or None, dataset) a run was trained on, from results.json or config.yaml."""
-    import yaml
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    dataset = (cfg or {}).get("dataset", "cifar10")
-    res_file = run_dir / "results.json"
-    source = json.loads(res_file.read_text()).get("data") if res_file.is_file() else (cfg or {}).get("data")
-    if source and source.startswith("torchvision:"):
-        return None, source.split(":", 1)[1]
-    return source, dataset
-
-
-def load_test_split(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_test_split(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The test split of the data a run was trained on (decoded from the cache when possible)."""
     from .sources import load_arrays
-    source, dataset = data_source(Path(run_dir))
+    source, dataset = RunDir.open(run_dir).data_source()
     a = load_arrays(source, dataset)
     return a.test_x, a.test_y
 
@@ -95,26 +78,23 @@ def per_class_accuracy(conf: np.ndarray) -> np.ndarray:
 
 # -- what the app shows without a dataset: a gallery of test images with their predictions -------
 
-GALLERY_NAME = "gallery.npz"
-EXAMPLES_DIR = "examples"
 
-
-def save_gallery(run_dir: Path, p: Predictions, max_mistakes: int = 2000, n_correct: int = 200,
+def save_gallery(run_dir: str | Path, p: Predictions, max_mistakes: int = 2000, n_correct: int = 200,
                  n_random: int = 200, seed: int = 0) -> Path:
     """Store mistakes (most confident first), confident correct and random test images with their
     probabilities, plus one example image per class, so the app needs only the run directory."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     rng = np.random.default_rng(seed)
     picks = {"mistake": mistakes(p, max_mistakes), "correct": correct(p, n_correct),
              "random": rng.choice(len(p.labels), size=min(n_random, len(p.labels)), replace=False)}
     idx = np.concatenate(list(picks.values()))
     kind = np.concatenate([np.full(len(v), k) for k, v in picks.items()])
-    out = run_dir / GALLERY_NAME
+    out = run.gallery_file
     tmp = out.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, images=p.images[idx], labels=p.labels[idx], probs=p.probs[idx].astype(np.float16),
                         kind=kind, classes=np.array(p.classes), index=idx)
     tmp.replace(out)
-    ex_dir = run_dir / EXAMPLES_DIR
+    ex_dir = run.examples_dir
     ex_dir.mkdir(exist_ok=True)
     from PIL import Image
     for c, name in enumerate(p.classes[:10] if len(p.classes) > 10 else p.classes):
@@ -124,11 +104,9 @@ def save_gallery(run_dir: Path, p: Predictions, max_mistakes: int = 2000, n_corr
     return out
 
 
-def load_gallery(run_dir: Path) -> Predictions | None:
-    """The stored gallery as Predictions (with a `.kind` array), or None when there is none."""
-    f = Path(run_dir) / GALLERY_NAME
-    if not f.is_file():
-        return None
+def load_gallery(run_dir: str | Path) -> Predictions:
+    """The stored gallery as Predictions (with a `.kind` array); one line when there is none."""
+    f = RunDir.open(run_dir, need=("gallery",)).gallery_file
     with np.load(f) as z:
         p = Predictions(z["images"], z["labels"], z["probs"].astype(np.float32), [str(c) for c in z["classes"]])
         p.kind = z["kind"]

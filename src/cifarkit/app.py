@@ -6,7 +6,6 @@ never a public share link). Every event has an api_name, so the app is also an A
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
@@ -16,7 +15,9 @@ import torch
 
 from . import analysis, explain
 from .errors import CifarkitError
-from .weights import Loaded, load, open_image, to_rgb32
+from .images import rgb_array
+from .rundir import Results, RunDir
+from .weights import Loaded, load
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -28,30 +29,29 @@ class RunApp:
     """The app's state and handlers; handlers raise CifarkitError for anything a user did wrong."""
 
     def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
-        self.model: Loaded = load(self.run_dir)
+        self.run = RunDir.open(run_dir, need=("weights", "gallery"))
+        self.model: Loaded = load(self.run.path)
         self.model.net.eval()
         self.classes = self.model.classes
         self.layers = explain.cam_layers(self.model.net)
-        self.gallery = analysis.load_gallery(self.run_dir)
-        if self.gallery is None:
-            raise CifarkitError(f"{self.run_dir} has no {analysis.GALLERY_NAME}; write it with "
-                                f"`cifarkit report {self.run_dir}` where the run's data is available")
-        res = self.run_dir / "results.json"
-        self.results = json.loads(res.read_text()) if res.is_file() else {}
-        self.examples = sorted(str(p) for p in (self.run_dir / analysis.EXAMPLES_DIR).glob("*.png"))
+        self.gallery = analysis.load_gallery(self.run.path)
+        self.results = self.run.read_results()
+        self.data_name = self.run.data_name()
+        self.examples = [str(p) for p in self.run.examples()]
         self.lock = threading.Lock()  # CAM hooks live on the shared net: one computation at a time
 
     # -- Classify ------------------------------------------------------------------------------
 
     def _image(self, image) -> np.ndarray:
-        """An upload (Gradio file payload, path or PIL image) -> uint8 (1, 32, 32, 3)."""
+        """An upload (Gradio file payload, path or PIL image) -> uint8 (1, 32, 32, 3). Messages name
+        the uploaded file by its own name, never the server's temporary path."""
         if image is None or image == "" or (isinstance(image, dict) and not image.get("path")):
             raise CifarkitError("no image: upload, paste or pick an example first")
+        name = None
         if isinstance(image, dict):
+            name = image.get("orig_name") or Path(image["path"]).name
             image = image["path"]
-        img = image if hasattr(image, "mode") else open_image(image)
-        return np.asarray(to_rgb32(img), dtype=np.uint8)[None]
+        return rgb_array(image, name)[None]
 
     def _top_k(self, probs: torch.Tensor, k) -> dict[str, float]:
         k = int(max(1, min(int(k or 1), len(self.classes))))
@@ -60,8 +60,8 @@ class RunApp:
 
     def predict(self, image, k=3) -> dict[str, float]:
         arr = self._image(image)
-        with self.lock, torch.no_grad():
-            probs = torch.softmax(self.model.net(self.model.normalize(arr)).float(), 1)[0]
+        with self.lock:
+            probs = self.model.probabilities(arr)[0]
         return self._top_k(probs, k)
 
     def classify(self, image, k=3, alpha=0.5, layer=None, method="gradcam"):
@@ -107,12 +107,14 @@ class RunApp:
         return [(o, self._caption(i)) for o, i in zip(overlays, idx)]
 
     def run_summary(self) -> str:
-        r = self.results
-        acc = f"{r['test_acc']:.2%}" if "test_acc" in r else "not recorded"
-        return (f"**Test accuracy: {acc}** on {r.get('test_images', '?')} test images "
-                f"({r.get('data', 'unknown data')})  \nmodel `{r.get('model', self.model.meta.get('model'))}`, "
-                f"preset `{r.get('preset', '?')}`, {r.get('epochs', '?')} epochs, "
-                f"{r.get('seconds', '?')} s, seed {r.get('seed', '?')}")
+        """The run's numbers, with the data by name (never a path of the machine that trained it)."""
+        r = self.results or Results()
+        acc = f"{r.test_acc:.2%}" if r.test_acc is not None else "not recorded"
+        def known(v):
+            return "?" if v is None else v
+        return (f"**Test accuracy: {acc}** on {known(r.test_images)} test images ({self.data_name})  \n"
+                f"model `{r.model or self.model.meta.get('model')}`, preset `{known(r.preset)}`, "
+                f"{known(r.epochs)} epochs, {known(r.seconds)} s, seed {known(r.seed)}")
 
 
 def _ui(fn):
@@ -132,7 +134,7 @@ def build_app(run_dir: str | Path):
     import gradio as gr
     app = RunApp(run_dir)
     choices = ["any", *app.classes]
-    fig = {n: app.run_dir / "report" / f"{n}.png" for n in ("curves", "confusion")}
+    fig = {n: app.run.report_dir / f"{n}.png" for n in ("curves", "confusion")}
     with gr.Blocks(title="cifarkit") as demo:
         gr.Markdown(f"# cifarkit: {app.model.meta.get('model', '')} on {len(app.classes)} classes\n{app.run_summary()}")
         with gr.Tab("Classify"):
@@ -179,7 +181,7 @@ def build_app(run_dir: str | Path):
             summary_btn = gr.Button("Refresh", visible=False)
             summary_btn.click(app.run_summary, None, gr.Markdown(visible=False), api_name="run_summary")
     demo.queue(default_concurrency_limit=2, max_size=256)
-    demo.cifarkit_allowed = [str(app.run_dir.resolve())]
+    demo.cifarkit_allowed = [str(app.run.path.resolve())]
     return demo
 
 

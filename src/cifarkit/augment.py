@@ -17,6 +17,13 @@ FLIPS = ("none", "random", "alternate")
 PIPELINES = ("batched", "albumentations")
 
 
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), channels_last in memory: ((x / 255) - mean) / std."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    return ((x.float() / 255 - mean) / std).permute(0, 3, 1, 2)
+
+
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     i = i.abs()
     return torch.where(i > n - 1, 2 * (n - 1) - i, i)
@@ -55,8 +62,7 @@ class Augment:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> float (B, 3, H, W), channels_last in memory."""
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return ((x.float() / 255 - mean) / std).permute(0, 3, 1, 2)
+        return normalize(x, self.mean, self.std)
 
     def crop_flip(self, x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         """Random translation by up to `pad` pixels, and mirror where flip (B,) is True."""

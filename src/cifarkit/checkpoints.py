@@ -4,6 +4,7 @@
   renames it over the target: a kill or a full disk mid-write leaves the previous checkpoint whole.
   (Lightning's own writer stages the file in the system temp folder; where that is another
   filesystem the final move is a copy, which a kill can cut short.)
+- MetricsLogger writes metrics.csv and continues it across a resume.
 - LastCheckpoint writes last.ckpt at every epoch's end (after validation) and every N optimizer
   steps in between. (ModelCheckpoint(save_last=True) refreshes last.ckpt only when it also saves
   a top-k checkpoint.)
@@ -26,16 +27,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from .errors import CifarkitError, RunInterrupted
-
-LAST = "last.ckpt"
+from .rundir import RunDir
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
 
@@ -81,8 +80,8 @@ class LastCheckpoint(Checkpoint):
     A Checkpoint, so Lightning calls it after ModelCheckpoint: last.ckpt holds best.ckpt's record.
     """
 
-    def __init__(self, ckpt_dir: Path, every_steps: int = 0):
-        self.path, self.every_steps = Path(ckpt_dir) / LAST, every_steps
+    def __init__(self, path: Path, every_steps: int = 0):
+        self.path, self.every_steps = Path(path), every_steps
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)
@@ -95,8 +94,8 @@ class LastCheckpoint(Checkpoint):
 
 
 class RunGuard(Callback):
-    def __init__(self, run_dir: Path, model: str, classes: list[str]):
-        self.run_dir, self.model, self.classes = Path(run_dir), model, list(classes)
+    def __init__(self, run: RunDir, model: str, classes: list[str]):
+        self.run, self.model, self.classes = run, model, list(classes)
         self.stop_requested = False
         self.saved_at: tuple[int, int] | None = None  # (step, epoch) of the checkpoint a Ctrl-C saved
         self.last_saved_step: int | None = None
@@ -130,7 +129,7 @@ class RunGuard(Callback):
         except SystemExit:  # Lightning exits on a KeyboardInterrupt (the second Ctrl-C)
             if not self.stop_requested:
                 raise
-            raise RunInterrupted(self.run_dir, "stopped at once, without a new checkpoint") from None
+            raise RunInterrupted(self.run.path, "stopped at once, without a new checkpoint") from None
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -163,17 +162,17 @@ class RunGuard(Callback):
             what = loss if bad_loss else weights
             raise CifarkitError(self._divergence_message(trainer, "loss" if bad_loss else "weights", what, pl_module))
         if stop and not (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.should_stop):
-            trainer.save_checkpoint(self.run_dir / "checkpoints" / LAST, weights_only=False)
+            trainer.save_checkpoint(self.run.last_ckpt, weights_only=False)
             self.saved_at = (trainer.global_step, trainer.current_epoch)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.saved_at:  # stop here, once Lightning has logged the step the checkpoint ends with
             step, epoch = self.saved_at
-            raise RunInterrupted(self.run_dir, f"stopped at step {step} (epoch {epoch}) with a checkpoint")
+            raise RunInterrupted(self.run.path, f"stopped at step {step} (epoch {epoch}) with a checkpoint")
 
     def _divergence_message(self, trainer, name: str, value: torch.Tensor, pl_module) -> str:
         what = "nan" if torch.isnan(value).any() else "inf"
-        last = self.run_dir / "checkpoints" / LAST
+        last = self.run.last_ckpt
         kept = "no checkpoint was saved yet"
         if last.is_file():
             at = f" (step {self.last_saved_step})" if self.last_saved_step is not None else ""
@@ -183,47 +182,70 @@ class RunGuard(Callback):
 
 
 # ---------------------------------------------------------------------------------------------
-# metrics.csv across a resume
+# metrics.csv, continued across a resume
 
 
-class _KeepingWriter(ExperimentWriter):
-    """Keeps the rows logged before the checkpoint a run resumes from (Lightning's deletes them)."""
+class MetricsLogger(Logger):
+    """RUN_DIR/metrics.csv: one row per logging call (step, epoch and the values logged).
 
-    def __init__(self, log_dir: str, keep_before_step: int):
-        self.keep_before_step = keep_before_step
-        super().__init__(log_dir)
+    A resumed run keeps the rows logged before the checkpoint's step and continues the file.
+    The file is appended to as rows arrive, and rewritten whole only when a new column appears.
+    """
 
-    def _check_log_dir_exists(self) -> None:
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [r for r in reader if int(float(r["step"])) < self.keep_before_step]
-            header = reader.fieldnames or []
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-        self.metrics_keys = list(header)
-
-
-class RunCSVLogger(CSVLogger):
-    """RUN_DIR/metrics.csv; a resumed run continues the file from its checkpoint's step."""
-
-    def __init__(self, run_dir: Path, keep_before_step: int | None = None):
-        super().__init__(save_dir=str(run_dir), name="", version="")
-        self.keep_before_step = keep_before_step
+    def __init__(self, path: Path, keep_before_step: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        self.columns: list[str] = ["epoch", "step"]
+        if keep_before_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.columns = list(reader.fieldnames or self.columns)
+                self.rows = [r for r in reader if int(float(r["step"])) < keep_before_step]
+        self._written: int | None = None  # rows in the file; None: (re)write it whole at the next save
 
     @property
-    @rank_zero_experiment
-    def experiment(self):
-        if self._experiment is None and self.keep_before_step is not None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepingWriter(self.log_dir, self.keep_before_step)
-        return super().experiment
+    def name(self) -> str:
+        return "metrics"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # config.yaml holds them
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        if "epoch" in row:
+            row["epoch"] = int(row["epoch"])
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self.columns += new
+            self._written = None
+        self.rows.append(row)
+
+    @rank_zero_only
+    def save(self) -> None:
+        rewrite = self._written is None
+        todo = self.rows if rewrite else self.rows[self._written:]
+        if not todo and not rewrite:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp if rewrite else self.path, "w" if rewrite else "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            if rewrite:
+                writer.writeheader()
+            writer.writerows(todo)
+        if rewrite:
+            os.replace(tmp, self.path)
+        self._written = len(self.rows)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,78 +5,72 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import CifarkitError, RunInterrupted
 
-MACHINE_FIELDS = ("accelerator", "devices", "num_nodes", "strategy", "num_workers")  # --resume may change
-
-TRAIN_OPTIONS = {  # flag -> (TrainConfig field, type, help)
-    "--model": ("model", str, "architecture (see `cifarkit summary --list`)"),
-    "--epochs": ("epochs", float, "epochs, may be fractional"),
-    "--batch-size": ("batch_size", int, "training batch size"),
-    "--lr": ("lr", str, "peak learning rate, or 'auto' for the LR range test"),
-    "--muon-lr": ("muon_lr", float, "Muon step for conv filters, a fraction of their norm (0: plain SGD)"),
-    "--data": ("data", str, "CIFAR python tarball/folder, ImageFolder tree or .tar.gz of one"),
-    "--dataset": ("dataset", str, "cifar10 | cifar100 | folder"),
-    "--subset": ("subset", int, "train on the first N training images, class-balanced"),
-    "--val-size": ("val_size", int, "images held out of training for validation (0 allowed)"),
-    "--seed": ("seed", int, "random seed"),
-    "--out": ("out", str, "run directory (default runs/<preset>-<time>)"),
-    "--accelerator": ("accelerator", str, "auto | cpu | gpu ..."),
-    "--devices": ("devices", str, "auto, a count, or a list like 0,1 (per node)"),
-    "--num-nodes": ("num_nodes", int, "machines in a multi-node DDP run"),
-    "--strategy": ("strategy", str, "auto | ddp | ... (Lightning's strategy names)"),
-    "--ckpt-every-steps": ("ckpt_every_steps", int, "also checkpoint every N steps (default: every epoch)"),
-    "--precision": ("precision", str, "auto | 32-true | bf16-mixed | 16-mixed"),
-    "--logger": ("logger", str, "csv | tensorboard (metrics.csv is always written)"),
-    "--num-workers": ("num_workers", int, "DataLoader workers (per-sample augmentation only)"),
-}
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="seed | fast | quick (default fast)")
+def add_config_flags(p: argparse.ArgumentParser, cls=None) -> None:
+    """One flag per TrainConfig setting (its help, type and choices), plus --preset and --config."""
+    from .presets import TrainConfig, list_presets, settings
+    p.add_argument("--preset", help=f"{' | '.join(list_presets())}: the recipe whose values are the defaults "
+                                    "(default fast)")
     p.add_argument("--config", help="replay a saved run config (config.yaml); flags override it")
-    p.add_argument("--augment", choices=["batched", "albumentations"], help="augmentation pipeline")
-    for flag, (_, typ, help_) in TRAIN_OPTIONS.items():
-        p.add_argument(flag, type=typ, help=help_)
+    for f, typ in settings(cls or TrainConfig):
+        meta = f.metadata
+        if not meta.get("flag", True):
+            continue
+        kwargs = dict(help=meta["help"], dest=f.name, default=None)
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if meta.get("parse"):
+            kwargs["type"] = meta["parse"]
+        elif typ is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typ in (int, float) or typ in (int | None, float | None):
+            kwargs["type"] = int if typ in (int, int | None) else float
+        p.add_argument(_flag(f.name), **kwargs)
 
 
-def _devices(value):
-    if value is None or value == "auto":
-        return value
-    return int(value) if value.isdigit() else [int(v) for v in value.split(",") if v]
+def _overrides(args, cls) -> dict:
+    """The settings given on the command line: {field: value} (a subkey flag sets one key of a dict)."""
+    from .presets import settings
+    out = {}
+    for f, _ in settings(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            out[f.name] = {f.metadata["subkey"]: value} if f.metadata.get("subkey") else value
+    return out
 
 
-def config_from_args(args):
+def config_from_args(args, cls=None):
     from .presets import TrainConfig, preset_config
-    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in TRAIN_OPTIONS.items()}
-    overrides["devices"] = _devices(overrides["devices"])
-    if overrides["lr"] not in (None, "auto"):
-        try:
-            overrides["lr"] = float(overrides["lr"])
-        except ValueError:
-            raise CifarkitError(f"--lr must be a number or 'auto', got '{overrides['lr']}'") from None
+    cls = cls or TrainConfig
+    overrides = _overrides(args, cls)
     if args.config:
-        cfg = TrainConfig.from_yaml(args.config)
+        cfg = cls.from_yaml(args.config)
         if args.preset:
             cfg.preset = args.preset
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, v)
     else:
-        cfg = preset_config(args.preset or "fast", **overrides)
-    if args.augment:
-        cfg.augment = {**cfg.augment, "pipeline": args.augment}
-        if args.augment == "albumentations" and cfg.augment.pop("low_res", 0):
-            cfg.augment.pop("low_res_epochs", None)
-            print("notice: the albumentations pipeline trains at full size throughout (no low-res epochs)",
-                  file=sys.stderr)
+        cfg = preset_config(args.preset or "fast") if cls is TrainConfig else cls()
+    base_model = cfg.model
+    for name, value in overrides.items():
+        setattr(cfg, name, {**getattr(cfg, name), **value} if isinstance(value, dict) else value)
+    if cfg.model != base_model:
+        cfg.model_kwargs = {}  # the preset's model settings belong to the preset's model
+    if cfg.augment.get("pipeline") == "albumentations" and cfg.augment.get("low_res"):
+        cfg.augment = {k: v for k, v in cfg.augment.items() if k not in ("low_res", "low_res_epochs")}
+        print("notice: the albumentations pipeline trains at full size throughout (no low-res epochs)",
+              file=sys.stderr)
     low_epochs = cfg.augment.get("low_res_epochs", 0)
     if cfg.augment.get("low_res") and low_epochs > cfg.epochs / 2:  # e.g. the fast preset with --epochs 4
         cfg.augment = {**cfg.augment, "low_res_epochs": int(cfg.epochs // 2)}
         print(f"notice: {cfg.augment['low_res_epochs']} of the {cfg.epochs:g} epochs at {cfg.augment['low_res']} px "
-              f"(at most half the run trains on low-res images)", file=sys.stderr)
+              f"(at most half of a run trains on low-res images)", file=sys.stderr)
     if args.config and args.out is None:
         cfg.out = None  # a replay writes a new run, never over the original
     return cfg
@@ -87,23 +81,20 @@ def config_from_args(args):
 
 def resume_config(args):
     """RUN_DIR's own config; only the machine it runs on may change."""
-    from .presets import TrainConfig
-    run_dir = Path(args.resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise CifarkitError(f"{run_dir} is not a run directory (no config.yaml); give the RUN_DIR "
-                            "a `cifarkit train` printed")
-    given = [flag for flag, (field, _, _) in TRAIN_OPTIONS.items()
-             if getattr(args, flag[2:].replace("-", "_")) is not None and field not in MACHINE_FIELDS]
-    given += [f"--{name}" for name in ("preset", "config", "augment") if getattr(args, name)]
+    from .presets import settings
+    from .rundir import RunDir
+    run = RunDir.open(args.resume, need=("config",))
+    machine = {f.name for f, _ in settings() if f.metadata.get("machine")}
+    given = [_flag(name) for name in _overrides(args, type(run.read_config())) if name not in machine]
+    given += [f"--{name}" for name in ("preset", "config") if getattr(args, name)]
     if given:
-        raise CifarkitError(f"--resume continues {run_dir} as it was configured; drop {', '.join(given)} "
-                            "(only --accelerator, --devices, --num-nodes, --strategy, --num-workers may change)")
-    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
-    for field in MACHINE_FIELDS:
-        value = getattr(args, field)
-        if value is not None:
-            setattr(cfg, field, _devices(value) if field == "devices" else value)
-    cfg.out = str(run_dir)
+        allowed = ", ".join(_flag(m) for m in sorted(machine))
+        raise CifarkitError(f"--resume continues {run.path} as it was configured; drop {', '.join(given)} "
+                            f"(only {allowed} may change)")
+    cfg = run.read_config()
+    for name, value in _overrides(args, type(cfg)).items():
+        setattr(cfg, name, value)
+    cfg.out = str(run.path)
     return cfg
 
 
@@ -118,19 +109,20 @@ def _report(run_dir: Path, args) -> None:
 
 
 def cmd_train(args):
+    from .rundir import RunDir
     from .train import fit, is_follower
     try:
-        run_dir = fit(resume_config(args), resume=True) if args.resume else fit(config_from_args(args))
+        run = fit(resume_config(args), resume=True) if args.resume else fit(config_from_args(args))
     except RunInterrupted as exc:
-        if not is_follower() and (Path(exc.run_dir) / "metrics.csv").is_file():
+        if not is_follower() and RunDir(exc.run_dir).metrics_file.is_file():
             _report(Path(exc.run_dir), args)  # what there is: curves so far
         raise
     if is_follower():
         return  # rank 0 reports
-    results = json.loads((run_dir / "results.json").read_text())
-    _report(run_dir, args)
-    print(f"run directory: {run_dir}")
-    print(f"test accuracy: {results['test_acc']:.4f} ({results['seconds']:.0f} s)")
+    results = run.read_results()
+    _report(run.path, args)
+    print(f"run directory: {run.path}")
+    print(f"test accuracy: {results.test_acc:.4f} ({results.seconds:.0f} s)")
 
 
 def cmd_report(args):
@@ -154,17 +146,18 @@ def cmd_lr_find(args):
     from datetime import datetime
 
     from .lr_finder import find_lr, save_lr_find
-    from .train import build_datamodule, build_module, make_run_dir, trainer_kwargs
+    from .rundir import RunDir
+    from .train import build_datamodule, build_module, trainer_kwargs
     cfg = config_from_args(args)
     cfg.out = cfg.out or f"runs/lr-find-{datetime.now():%Y%m%d-%H%M%S}"
     if args.num_training:
         cfg.lr_find = {**cfg.lr_find, "num_training": args.num_training}
-    out = make_run_dir(cfg)
+    out = RunDir.create(cfg)
     dm = build_datamodule(cfg)
-    lr, curve, fig = find_lr(build_module(cfg, dm, 1e-3), dm, trainer_kwargs(cfg), **cfg.lr_find)
-    save_lr_find(out, curve, fig)
+    lr, curve, fig = find_lr(build_module(cfg, dm), dm, trainer_kwargs(cfg), **cfg.lr_find)
+    save_lr_find(out.path, curve, fig)
     print(f"suggested lr: {lr:.4g}")
-    print(f"curve: {out / 'lr_find.png'}")
+    print(f"curve: {out.lr_find_png}")
 
 
 def cmd_summary(args):
@@ -215,14 +208,21 @@ def cmd_export_space(args):
     print(f"Space written to {out}; try it with: cd {out} && pip install -r requirements.txt && python app.py")
 
 
+class Parser(argparse.ArgumentParser):
+    """A wrong flag or value is one line, like every other error a user can cause."""
+
+    def error(self, message):
+        raise CifarkitError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    parser = argparse.ArgumentParser(prog="cifarkit", description="Train, explain and demo CIFAR-10 classifiers.")
+    parser = Parser(prog="cifarkit", description="Train, explain and demo CIFAR-10 classifiers.")
     parser.add_argument("--version", action="version", version=f"cifarkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model; prints the run directory and test accuracy")
-    _add_train_options(p)
+    add_config_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.set_defaults(func=cmd_train)
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("lr-find", help="LR range test: prints the suggestion, saves the curve")
-    _add_train_options(p)
+    add_config_flags(p)
     p.add_argument("--num-training", type=int, help="steps of the sweep (default from the preset)")
     p.set_defaults(func=cmd_lr_find)
 
@@ -298,10 +298,22 @@ def _rank() -> str:
     return f" (rank {nonzero[0]})" if nonzero else ""
 
 
+# Warnings that say nothing to a user of the command line (the library itself changes no filter).
+QUIET = (".*does not have many workers.*", ".*hparams.*", ".*dataloader is not resumable.*",
+         ".*Total length of `list` across ranks is zero.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        for pattern in QUIET:
+            warnings.filterwarnings("ignore", pattern)
+        return _run(argv)
+
+
+def _run(argv) -> int:
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except CifarkitError as exc:
         print(f"cifarkit: error{_rank()}: {exc}", file=sys.stderr)

@@ -67,10 +67,8 @@ def heatmaps(net: nn.Module, x: torch.Tensor, targets: list[int] | torch.Tensor,
 def explain_top_class(model, arr: np.ndarray, layer: str | None = None, method: str = "gradcam"):
     """For uint8 images (B, 32, 32, 3) and a loaded model: softmax probabilities (B, K) and the CAM
     of each image's top class (B, 32, 32)."""
-    x = model.normalize(arr)
-    with torch.no_grad():
-        probs = torch.softmax(model.net.eval()(x).float(), 1)
-    return probs, heatmaps(model.net, x, probs.argmax(1), layer, method)
+    probs = model.probabilities(arr)
+    return probs, heatmaps(model.net, model.normalize(arr), probs.argmax(1), layer, method)
 
 
 def upscale(images: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:

@@ -6,7 +6,6 @@ non-Python runtime needs no statistics; they are also in the graph's metadata.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,9 @@ from torch import nn
 
 from . import __version__
 from .errors import CifarkitError
-from .weights import WEIGHTS_NAME, Loaded, load, save_weights, to_rgb32
+from .images import rgb_batch
+from .rundir import WEIGHTS_NAME, RunDir
+from .weights import Loaded, load, save_weights
 
 FORMATS = ("safetensors", "onnx", "hub")
 
@@ -72,13 +73,14 @@ def export_onnx(m: Loaded, out: Path) -> Path:
     return out
 
 
-def _model_card(m: Loaded, run_dir: Path | None) -> str:
-    res = {}
-    if run_dir and (run_dir / "results.json").is_file():
-        res = json.loads((run_dir / "results.json").read_text())
+def _model_card(m: Loaded, public: dict) -> str:
+    """The Hub folder's README: numbers from the run's public results (no path of this machine)."""
+    res = public
     acc = res.get("test_acc", m.meta.get("test_acc"))
     acc_text = f"{float(acc):.2%}" if acc is not None else "not recorded"
-    data = res.get("data", "unknown")
+    data = str(res.get("data", "unknown data"))
+    if "JPEG-q75" in data:
+        data += " (about 3 points below the original CIFAR-10 for the same recipe)"
     lines = ["---", "library_name: cifarkit", "tags: [image-classification, cifar10, pytorch-lightning]",
              "pipeline_tag: image-classification", "---", "",
              f"# {m.meta['model']} trained with cifarkit", "",
@@ -90,21 +92,20 @@ def _model_card(m: Loaded, run_dir: Path | None) -> str:
              f"- cifarkit {__version__}", "", "## Use", "", "```python", "import cifarkit",
              "model = cifarkit.load('path/to/this/folder')   # eval mode, CPU",
              "probs = model.probabilities([PIL.Image.open('cat.jpg')])", "```", ""]
-    if "JPEG" in str(data) or "jpeg" in str(data):
-        lines.insert(8, "- Measured on CIFAR-10, JPEG-q75 copy (about 3 points below the original CIFAR-10)")
     return "\n".join(lines)
 
 
-def export_hub(m: Loaded, out: Path, run_dir: Path | None) -> Path:
+def export_hub(m: Loaded, out: Path, run: RunDir | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     export_safetensors(m, out / WEIGHTS_NAME)
+    public = (run.public_results() if run else None) or {}
     config = {"model": m.meta["model"], "model_kwargs": json.loads(m.meta.get("model_kwargs", "{}")),
               "classes": m.classes, "mean": m.mean, "std": m.std, "input_size": 32,
               "cifarkit_version": __version__}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "README.md").write_text(_model_card(m, run_dir))
-    if run_dir and (run_dir / "results.json").is_file():
-        shutil.copy(run_dir / "results.json", out / "results.json")
+    (out / "README.md").write_text(_model_card(m, public))
+    if public:
+        (out / "results.json").write_text(json.dumps(public, indent=2))
     return out
 
 
@@ -113,13 +114,13 @@ def export(source: str | Path, fmt: str, out: str | Path) -> Path:
         raise CifarkitError(f"unknown format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     src = Path(source)
     m = load(src)
-    run_dir = src if src.is_dir() else None
+    run = RunDir.open(src) if src.is_dir() else None
     try:
         if fmt == "safetensors":
             return export_safetensors(m, Path(out))
         if fmt == "onnx":
             return export_onnx(m, Path(out))
-        return export_hub(m, Path(out), run_dir)
+        return export_hub(m, Path(out), run)
     except OSError as exc:
         raise CifarkitError(f"cannot write {out}: {exc.strerror or exc}") from None
 
@@ -142,7 +143,7 @@ class OnnxModel:
         self.classes = json.loads(meta["classes"])
 
     def probabilities(self, images) -> torch.Tensor:
-        x = np.stack([np.asarray(to_rgb32(im), dtype=np.float32) / 255 for im in images]).transpose(0, 3, 1, 2)
+        x = (rgb_batch(images).astype(np.float32) / 255).transpose(0, 3, 1, 2)  # (B, 3, 32, 32) in [0, 1]
         logits = torch.from_numpy(self.session.run(None, {"image": np.ascontiguousarray(x)})[0])
         return torch.softmax(logits, dim=1)
 

@@ -24,15 +24,18 @@ def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule, traine
     trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
                            "max_epochs": None, "max_steps": -1, "callbacks": [],
                            "devices": one, "num_nodes": 1, "strategy": "auto"})
-    lookahead = module.hparams.get("lookahead", False)
-    module.hparams.lookahead = False
+    cfg = getattr(module, "cfg", None)  # cifarkit's module: no lookahead averaging of the sweep
+    lookahead = getattr(cfg, "lookahead", False)
+    if cfg is not None:
+        cfg.lookahead = False
     try:
         finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
                                         num_training=num_training, mode="exponential",
                                         update_attr=False)
     finally:
-        module.hparams.lookahead = lookahead
-        module._ema = None
+        if cfg is not None:
+            cfg.lookahead = lookahead
+            module._ema = None
     suggestion = finder.suggestion() if finder is not None else None
     if suggestion is None or not math.isfinite(suggestion) or suggestion <= 0:
         raise CifarkitError("the LR range test found no usable learning rate (too few steps or a "

@@ -101,9 +101,10 @@ class CustomResNet(nn.Module):
 
 
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
-    """BatchNorm that learns only its bias; a large momentum suits short runs."""
+    """BatchNorm that learns only its bias. momentum in PyTorch's convention:
+    running = (1 - momentum) * running + momentum * batch."""
 
-    def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12):
+    def __init__(self, channels: int, momentum: float, eps: float = 1e-12):
         super().__init__(channels, eps=eps, momentum=momentum)
         self.weight.requires_grad_(False)
 
@@ -132,11 +133,13 @@ class ConvGroup(nn.Module):
 
 
 class FastNet(nn.Module):
+    """The recipe's values are stated in presets.FAST; these defaults match them."""
     cam_layers = ("block1", "block2", "block3")
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256),
-                 bn_momentum: float = 0.4, head_scale: float = 1 / 9):
+                 bn_momentum: float = 0.4, head_scale: float = 1 / 9, whiten_eps: float = 5e-4):
         super().__init__()
+        self.whiten_eps = whiten_eps
         self.whiten = nn.Conv2d(3, 24, 2, bias=True)  # 2x2 patches: 12 eigen-directions, +/- each
         self.whiten.weight.requires_grad_(False)
         self.act = nn.GELU()
@@ -150,13 +153,13 @@ class FastNet(nn.Module):
         self.stem_bias_trains = True  # the training module turns it off after its epochs
 
     @torch.no_grad()
-    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+    def init_from_data(self, images: torch.Tensor) -> None:
         """Set the stem to whiten 2x2 patches of `images` (N, 3, H, W), normalized like training."""
         patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)         # (N, 3, H-1, W-1, 2, 2)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)      # (P, 12)
         cov = patches.T @ patches / len(patches)                         # (12, 12)
         eigval, eigvec = torch.linalg.eigh(cov)                          # ascending
-        filters = (eigvec.T / torch.sqrt(eigval + eps)[:, None]).reshape(12, 3, 2, 2)
+        filters = (eigvec.T / torch.sqrt(eigval + self.whiten_eps)[:, None]).reshape(12, 3, 2, 2)
         self.whiten.weight.copy_(torch.cat([filters, -filters]).flip(0))
         self.whiten.bias.zero_()
 

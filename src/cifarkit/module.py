@@ -1,6 +1,11 @@
-"""One LightningModule around any registered net: loss, metrics, SGD + OneCycle, lookahead, TTA."""
+"""One LightningModule around any registered net: loss, metrics, SGD + OneCycle, lookahead, TTA.
+
+Every number of a recipe comes from its TrainConfig (presets.py); nothing here has a default of
+its own.
+"""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import lightning as L
@@ -11,10 +16,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .optim import MuonSGD
+from .presets import TrainConfig
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-LOOKAHEAD_EVERY = 5  # steps between weight-averaging updates
-LOOKAHEAD_DECAY = 0.95  # per 1024 training examples: the same averaging window at any batch size
 
 
 def tta_logits(net: nn.Module, x: torch.Tensor, level: int = 0, threshold: float = 1.0) -> torch.Tensor:
@@ -48,22 +52,14 @@ def _views(net: nn.Module, x: torch.Tensor, level: int, plain: torch.Tensor) -> 
     return out
 
 
-def tta_views(level: int) -> int:
-    """How many forward passes tta_logits makes per image (with every image getting every view)."""
-    return {0: 1, 1: 2, 2: 6}[level]
-
-
 class LitClassifier(L.LightningModule):
-    def __init__(self, net: nn.Module, num_classes: int, lr: float = 0.1, momentum: float = 0.9,
-                 nesterov: bool = False, weight_decay: float = 5e-4, bias_lr_scale: float = 1.0,
-                 label_smoothing: float = 0.0, schedule: str = "cosine", pct_start: float = 0.3,
-                 div_factor: float = 25.0, final_div_factor: float = 1e4, cycle_momentum: bool = True,
-                 lookahead: bool = False, whiten_bias_epochs: int = 0, tta: int = 0,
-                 tta_threshold: float = 1.0, muon_lr: float = 0.0, muon_momentum: float = 0.6):
+    def __init__(self, net: nn.Module, num_classes: int, cfg: TrainConfig):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.cfg = cfg
+        self.save_hyperparameters(dataclasses.asdict(cfg))  # into every checkpoint, as plain values
         self.net = net
-        self.lr = lr  # the range test may replace it before fit; configure_optimizers reads it
+        # the peak rate; an LR range test replaces it before fit (configure_optimizers reads it)
+        self.lr = float(cfg.lr) if cfg.lr != "auto" else 1e-3
         self.steps: int | None = None  # optimizer steps of the run when it ends part-way into an epoch
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3))
@@ -83,7 +79,7 @@ class LitClassifier(L.LightningModule):
         x, y = batch
         self._batch = len(y) * self.trainer.world_size  # examples per optimizer step
         logits = self.net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         self.train_acc(logits, y)
         self.train_loss(loss.detach().float(), weight=len(y))
         self.log("train_loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
@@ -93,7 +89,7 @@ class LitClassifier(L.LightningModule):
 
     def _eval_step(self, batch, stage: str, metric, tta: int):
         x, y = batch
-        logits = tta_logits(self.net, x, tta, self.hparams.tta_threshold)
+        logits = tta_logits(self.net, x, tta, self.cfg.tta_threshold)
         metric(logits, y)
         self.log(f"{stage}_loss", F.cross_entropy(logits.float(), y), on_epoch=True, sync_dist=True)
         self.log(f"{stage}_acc", metric, on_epoch=True, prog_bar=True)
@@ -102,12 +98,12 @@ class LitClassifier(L.LightningModule):
         self._eval_step(batch, "val", self.val_acc, 0)
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, "test", self.test_acc, self.hparams.tta)
+        self._eval_step(batch, "test", self.test_acc, self.cfg.tta)
 
     # -- optimizer and schedule ------------------------------------------------------------------
 
     def _param_groups(self) -> list[dict]:
-        hp = self.hparams
+        hp = self.cfg
         norm_ids = {id(p) for m in self.net.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
         params = [p for p in self.net.parameters() if p.requires_grad]
         filters = [p for p in params if p.ndim == 4 and id(p) not in norm_ids] if hp.muon_lr else []
@@ -126,12 +122,14 @@ class LitClassifier(L.LightningModule):
         return self.steps or int(self.trainer.estimated_stepping_batches)
 
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
-        hp = self.hparams
-        kind = MuonSGD if hp.muon_lr else torch.optim.SGD
-        return kind(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        hp = self.cfg
+        if hp.muon_lr:
+            return MuonSGD(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                           ns_steps=hp.muon_ns_steps)
+        return torch.optim.SGD(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.cfg
         self.lr = float(self.trainer.strategy.broadcast(self.lr, src=0))  # every rank takes rank 0's
         groups = self._param_groups()
         opt = self._optimizer(groups)
@@ -165,7 +163,7 @@ class LitClassifier(L.LightningModule):
         self.log("epoch_seconds", time.perf_counter() - self._epoch_start, on_epoch=True, sync_dist=True)
 
     def _stem_bias_trains(self) -> bool:
-        return self.current_epoch < self.hparams.whiten_bias_epochs
+        return self.current_epoch < self.cfg.whiten_bias_epochs
 
     def on_before_optimizer_step(self, optimizer):
         stem = getattr(self.net, "whiten", None)
@@ -175,18 +173,19 @@ class LitClassifier(L.LightningModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         # here rather than in on_train_batch_end: a checkpoint taken after this step includes it
-        if self.hparams.lookahead:
+        if self.cfg.lookahead:
             self._lookahead_step(self.global_step + 1)  # Lightning counts the step after this hook
 
     def _lookahead_step(self, step: int) -> None:
         total = self.total_steps()
         if self._ema is None:
             self._ema = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        hp = self.cfg
         if step >= total:
             self._lookahead(1.0)  # the last step: the net becomes the average
-        elif step % LOOKAHEAD_EVERY == 0:
-            per_step = LOOKAHEAD_DECAY ** (self._batch / 1024)
-            self._lookahead(per_step ** LOOKAHEAD_EVERY * (step / total) ** 3)
+        elif step % hp.lookahead_every == 0:
+            per_step = hp.lookahead_decay ** (self._batch / 1024)  # the same window at any batch size
+            self._lookahead(per_step ** hp.lookahead_every * (step / total) ** hp.lookahead_power)
 
     @torch.no_grad()
     def _lookahead(self, decay: float) -> None:

@@ -1,40 +1,21 @@
 """Pure matplotlib: each function takes data and returns a Figure (the caller saves or shows it)."""
 from __future__ import annotations
 
-import csv
-from pathlib import Path
+import numpy as np
+from matplotlib.figure import Figure
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+# Figures are built without pyplot: importing or calling this module never touches matplotlib's
+# backend or pyplot's figure registry (a notebook shows a returned Figure inline; savefig works).
 
 
-def read_metrics(path: Path) -> dict:
-    """metrics.csv -> {'epoch': {name: [per-epoch values]}, 'lr': (steps, lrs), 'test': {name: v}}."""
-    epochs: dict[int, dict] = {}
-    steps, lrs, test = [], [], {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            vals = {k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("epoch", "step")}
-            if "lr" in vals:
-                steps.append(int(row["step"]))
-                lrs.append(vals.pop("lr"))
-            for k in [k for k in vals if k.startswith("test_")]:
-                test[k] = vals.pop(k)
-            if vals and row.get("epoch"):
-                epochs.setdefault(int(row["epoch"]), {}).update(vals)
-    names = sorted({k for e in epochs.values() for k in e})
-    order = sorted(epochs)
-    per_epoch = {n: [epochs[e].get(n, np.nan) for e in order] for n in names}
-    return {"epochs": [e + 1 for e in order], "epoch": per_epoch, "lr": (steps, lrs), "test": test}
+def _figure(nrows: int = 1, ncols: int = 1, figsize=(7, 3.8), **kw):
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
 
 
 def curves(m: dict) -> Figure:
     """The seed's 2x2: train/validation loss and accuracy per epoch, the test result marked."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    fig, axes = _figure(2, 2, figsize=(11, 7.5))
     panels = [("train_loss", "Training loss"), ("val_loss", "Validation loss"),
               ("train_acc", "Training accuracy"), ("val_acc", "Validation accuracy")]
     x = m["epochs"]
@@ -57,7 +38,7 @@ def curves(m: dict) -> Figure:
 
 
 def lr_schedule(steps: list[int], lrs: list[float]) -> Figure:
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = _figure(figsize=(7, 3.8))
     ax.plot(steps, lrs)
     ax.set(title="Learning rate per step", xlabel="optimizer step", ylabel="learning rate")
     ax.grid(alpha=0.3)
@@ -66,7 +47,7 @@ def lr_schedule(steps: list[int], lrs: list[float]) -> Figure:
 
 
 def lr_range_test(curve: dict) -> Figure:
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = _figure(figsize=(7, 3.8))
     ax.plot(curve["lr"], curve["loss"])
     ax.set_xscale("log")
     s = curve.get("suggestion")
@@ -83,7 +64,7 @@ def confusion_matrix(conf: np.ndarray, classes: list[str]) -> Figure:
     """Row-normalized confusion matrix with class names, and per-class accuracy beside it."""
     norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
     k = len(classes)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [3, 1.2]})
+    fig, (ax, bx) = _figure(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [3, 1.2]})
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
@@ -113,7 +94,7 @@ def image_grid(images: np.ndarray, titles: list[str], ncols: int = 5, colors: li
     """uint8 images (N, H, W, 3) in a grid, each with a title."""
     n = max(len(images), 1)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 2.5 * nrows), squeeze=False)
+    fig, axes = _figure(nrows, ncols, figsize=(2.3 * ncols, 2.5 * nrows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
@@ -129,7 +110,7 @@ def cam_grid(inputs: np.ndarray, rows: dict[str, np.ndarray], titles: list[str],
     """A row of inputs, then one row of overlays per layer (the seed's Grad-CAM grid)."""
     n = len(inputs)
     nrows = 1 + len(rows)
-    fig, axes = plt.subplots(nrows, n, figsize=(1.7 * n, 1.9 * nrows), squeeze=False)
+    fig, axes = _figure(nrows, n, figsize=(1.7 * n, 1.9 * nrows), squeeze=False)
     for j in range(n):
         axes[0, j].imshow(inputs[j])
         axes[0, j].set_title(titles[j], fontsize=6)

@@ -5,11 +5,11 @@ import csv
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from .sources import IMAGE_SUFFIXES
 from .errors import CifarkitError
-from .weights import open_image
+from .images import SUFFIXES, rgb_array
 
 
 def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
@@ -18,7 +18,7 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
             if not found:
                 errors.append(f"no images in folder {p}")
             paths += found
@@ -39,21 +39,16 @@ def predict_files(model, paths: list[Path], top_k: int = 3, batch_size: int = 25
         images, names = [], []
         for p in paths[start:start + batch_size]:
             try:
-                images.append(open_image(p))
+                images.append(rgb_array(p))
                 names.append(str(p))
             except CifarkitError as exc:
                 errors.append(str(exc))
         if images:
-            try:
-                probs = model.probabilities(images)
-            except CifarkitError as exc:  # e.g. an image over the pixel limit: retry one by one
-                probs = None
-                errors.append(str(exc))
-            if probs is not None:
-                top = probs.topk(k, dim=1)
-                for name, vals, idx in zip(names, top.values.tolist(), top.indices.tolist()):
-                    results.append({"image": name, "top": [{"class": model.classes[i], "prob": round(v, 4)}
-                                                           for v, i in zip(vals, idx)]})
+            probs = model.probabilities(np.stack(images))
+            top = probs.topk(k, dim=1)
+            for name, vals, idx in zip(names, top.values.tolist(), top.indices.tolist()):
+                results.append({"image": name, "top": [{"class": model.classes[i], "prob": round(v, 4)}
+                                                       for v, i in zip(vals, idx)]})
         bar.update(len(paths[start:start + batch_size]))
     bar.close()
     return results, errors

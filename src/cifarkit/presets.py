@@ -1,12 +1,18 @@
-"""Named, documented training recipes as one plain dataclass, saved with every run and replayable.
+"""Every training setting, declared once, and the named recipes built from them.
 
-Hyperparameters are in ordinary PyTorch units: `lr` is the peak rate of SGD on the batch-mean loss,
-`weight_decay` is SGD's coupled decay, `bias_lr_scale` multiplies the rate of normalization biases
-(their decay is divided by it, so every parameter decays by the same amount per step).
+`TrainConfig` is the only place a training setting is named: its fields carry the type, the
+default and a one-line help. The CLI's `train` flags, the validation and the LightningModule's
+arguments all derive from it; a run's resolved config is saved as `config.yaml` and can be replayed.
+
+Units are PyTorch's: `lr` is the peak rate of SGD on the batch-mean loss, `weight_decay` is SGD's
+coupled decay, `bias_lr_scale` multiplies the rate of normalization parameters (their decay is
+divided by it, so every parameter decays by the same amount per step).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,50 +22,96 @@ import yaml
 from .errors import CifarkitError
 
 
+def setting(default=None, help: str = "", *, factory=None, choices: tuple | None = None,
+            flag: bool = True, machine: bool = False, parse=None, subkey: str | None = None):
+    """A TrainConfig field. flag=False: config files only. machine: `--resume` may change it.
+    parse: str -> value for the CLI. subkey: for a dict field, the flag sets this one key."""
+    meta = dict(help=help, choices=choices, flag=flag, machine=machine, parse=parse, subkey=subkey)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_lr(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', got '{text}'") from None
+
+
+def parse_devices(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text) if text.isdigit() else [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto, a count or a list like 0,1; got '{text}'") from None
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "fast"
-    model: str = "fast"
-    model_kwargs: dict = field(default_factory=dict)
-    # data
-    data: str | None = None            # path; None -> $CIFARKIT_DATA -> cache -> torchvision download
-    dataset: str = "cifar10"           # cifar10 | cifar100 | folder
-    subset: int | None = None          # first N training images, class-balanced
-    val_size: int = 5000               # held out from the training set, seeded
-    augment: dict = field(default_factory=dict)  # see augment.Augment
-    num_workers: int = 0
-    # optimization
-    epochs: float = 10.0               # may be fractional: the run stops after ceil(epochs * steps)
-    batch_size: int = 512
-    lr: float | str = 0.1              # a number, or "auto" for the LR range test's suggestion
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    bias_lr_scale: float = 1.0
-    label_smoothing: float = 0.0
-    schedule: str = "cosine"           # OneCycle anneal: cosine | linear
-    pct_start: float = 0.3             # fraction of steps rising to the peak
-    div_factor: float = 25.0           # start lr = peak / div_factor
-    final_div_factor: float = 1e4      # final lr = start lr / final_div_factor
-    cycle_momentum: bool = True
-    muon_lr: float = 0.0               # > 0: Muon for conv filters, this fraction of their norm per step
-    muon_momentum: float = 0.6
-    lookahead: bool = False            # EMA of weights every 5 steps, copied back (fast recipe)
-    whiten_bias_epochs: int = 0        # epochs the whitening stem's bias trains (fast net)
-    tta: int = 0                       # test-time views: 0 none, 1 +mirror, 2 +mirror +translate
-    tta_threshold: float = 1.0         # extra views only where the plain top probability is below this
-    lr_find: dict = field(default_factory=lambda: {"min_lr": 1e-5, "max_lr": 10.0, "num_training": 200})
-    # machine and outputs
-    seed: int = 0
-    out: str | None = None
-    accelerator: str = "auto"
-    devices: Any = "auto"              # per node; DDP: batch_size is per device
-    num_nodes: int = 1
-    strategy: str = "auto"             # auto | ddp | ... (Lightning's strategies)
-    ckpt_every_steps: int = 0          # also refresh checkpoints/last.ckpt every N steps (0: epochs only)
-    precision: str = "auto"            # auto: bf16-mixed where it is faster, else 32-true
-    logger: str = "csv"                # csv | tensorboard (metrics.csv is always written)
-    eval_batch_size: int = 1000
+    preset: str = setting("fast", "the recipe whose values are the defaults", flag=False)
+    # -- model
+    model: str = setting("fast", "architecture (see `cifarkit summary --list`)")
+    model_kwargs: dict = setting(help="keyword arguments of the model's constructor", factory=dict, flag=False)
+    # -- data
+    data: str | None = setting(None, "CIFAR python tarball/folder, ImageFolder tree or .tar.gz of one "
+                                     "(default: $CIFARKIT_DATA, the cache, then torchvision's download)")
+    data_name: str | None = setting(None, "what to call the data in reports and published apps "
+                                          "(default: from the source's name)")
+    dataset: str = setting("cifar10", "which dataset", choices=("cifar10", "cifar100", "folder"))
+    subset: int | None = setting(None, "train on the first N training images, class-balanced")
+    val_size: int = setting(5000, "training images held out for validation, seeded (0 allowed)")
+    augment: dict = setting(help="augmentation (see augment.Augment); --augment picks the pipeline",
+                            factory=dict, choices=("batched", "albumentations"), subkey="pipeline")
+    num_workers: int = setting(0, "DataLoader workers (per-sample augmentation only)", machine=True)
+    # -- optimization
+    epochs: float = setting(10.0, "epochs, may be fractional (the run stops after ceil(epochs x steps))")
+    batch_size: int = setting(512, "training batch size (per device)")
+    lr: float | str = setting(0.1, "peak learning rate, or 'auto' for the LR range test's suggestion",
+                              parse=parse_lr)
+    momentum: float = setting(0.9, "SGD momentum (PyTorch's convention)")
+    nesterov: bool = setting(False, "Nesterov momentum")
+    weight_decay: float = setting(5e-4, "SGD's coupled weight decay")
+    bias_lr_scale: float = setting(1.0, "learning-rate multiplier of normalization parameters")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
+    schedule: str = setting("cosine", "one-cycle anneal", choices=("cosine", "linear"))
+    pct_start: float = setting(0.3, "fraction of the steps rising to the peak")
+    div_factor: float = setting(25.0, "start lr = peak / div_factor")
+    final_div_factor: float = setting(1e4, "final lr = start lr / final_div_factor")
+    cycle_momentum: bool = setting(True, "cycle momentum inversely to the learning rate")
+    muon_lr: float = setting(0.0, "Muon step for conv filters, a fraction of their norm (0: SGD for them too)")
+    muon_momentum: float = setting(0.6, "Muon's Nesterov momentum")
+    muon_ns_steps: int = setting(3, "Newton-Schulz iterations orthogonalizing each Muon step")
+    lookahead: bool = setting(False, "average the weights every few steps and copy the average back")
+    lookahead_every: int = setting(5, "optimizer steps between lookahead updates")
+    lookahead_decay: float = setting(0.95, "lookahead's EMA decay per 1,024 training examples")
+    lookahead_power: float = setting(3.0, "the decay is scaled by (step / total) ** power: early on "
+                                          "the weights are followed, late they are averaged")
+    whiten_bias_epochs: int = setting(0, "epochs the whitening stem's bias trains (fast net)")
+    tta: int = setting(0, "test-time views: 0 none, 1 +mirror, 2 +mirror +1-px shifts", choices=(0, 1, 2))
+    tta_threshold: float = setting(1.0, "extra test-time views only where the plain top probability is "
+                                        "below this (1: every image)")
+    lr_find: dict = setting(help="LR range test: min_lr, max_lr, num_training", flag=False,
+                            factory=lambda: {"min_lr": 1e-5, "max_lr": 10.0, "num_training": 200})
+    eval_batch_size: int = setting(1000, "batch size of validation and test")
+    # -- machine and outputs
+    seed: int = setting(0, "random seed")
+    out: str | None = setting(None, "run directory (default runs/<preset>-<time>)")
+    accelerator: str = setting("auto", "auto | cpu | gpu ... (Lightning's)", machine=True)
+    devices: Any = setting("auto", "auto, a count, or a list like 0,1 (per node)", machine=True,
+                           parse=parse_devices)
+    num_nodes: int = setting(1, "machines in a multi-node DDP run", machine=True)
+    strategy: str = setting("auto", "auto | ddp | ... (Lightning's strategy names)", machine=True)
+    ckpt_every_steps: int = setting(0, "also checkpoint every N optimizer steps (0: every epoch only)")
+    precision: str = setting("auto", "auto | 32-true | bf16-mixed | 16-mixed (auto: what the hardware "
+                                     "runs fast)")
+    logger: str = setting("csv", "csv | tensorboard (metrics.csv is always written)",
+                          choices=("csv", "tensorboard"))
+
+    # -- reading and writing
 
     def to_yaml(self, path: Path) -> None:
         Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
@@ -81,39 +133,80 @@ class TrainConfig:
             d = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise CifarkitError(f"config {p} is not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(d, dict):
+            raise CifarkitError(f"config {p} is not a mapping of settings (give a run's config.yaml)")
         return cls.from_dict(d)
 
 
-# The fast recipe: an airbench-class net and its training tricks, in mean-loss units for a batch
-# of 256 (peak lr 0.375 on the mean; the same rate per example as 1.5 at batch 1024, and on 2 CPU
-# cores batch 256 runs 8% more images/s). Conv filters train with Muon: +0.7 points at 7 epochs.
-# Test-time views go only to the images the plain pass gives < 70% (a third of them): on four
-# trained nets, the same test accuracy as viewing all in 17 s instead of 39 s (2 CPU cores).
-_FAST = dict(
-    model="fast", batch_size=256, lr=0.375, momentum=0.85, nesterov=True, weight_decay=1.33e-3,
-    bias_lr_scale=64.0, label_smoothing=0.2, schedule="linear", pct_start=0.23, div_factor=5.0,
-    final_div_factor=0.2 / 0.07, cycle_momentum=False, lookahead=True, whiten_bias_epochs=3, tta=2,
-    tta_threshold=0.7, muon_lr=0.08, muon_momentum=0.8, eval_batch_size=250,
-    augment={"flip": "alternate", "pad": 2, "pad_mode": "reflect"},
+def settings(cls=TrainConfig) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, resolved type) of every setting, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def check_choices(cfg: TrainConfig) -> None:
+    """Every setting that lists its choices holds one of them (one line naming the valid ones)."""
+    for f, _ in settings(type(cfg)):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if f.metadata.get("subkey"):
+            value = value.get(f.metadata["subkey"], choices[0] if choices else None)
+        if choices and value not in choices:
+            name = f"{f.name}.{f.metadata['subkey']}" if f.metadata.get("subkey") else f.name
+            raise CifarkitError(f"unknown {name} '{value}'; choose one of: {', '.join(map(str, choices))}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipes. Each is one page: every number of the recipe is here, with its unit.
+
+# airbench94's net, data and tricks, tuned for 2 CPU cores: batch 256 (8% more images/s than 1,024
+# there; the same rate per example as lr 1.5 at 1,024), Muon for the conv filters (+0.7 points at
+# 7 epochs), 9 epochs of which the first 4 see images downscaled to 24 px (~70 s an epoch instead
+# of ~115 s), test-time views only for the images the plain pass is < 70% sure of (a third; the
+# same accuracy as viewing all, in 17 s instead of 39 s). Measurements: BENCHMARKS.md.
+FAST = dict(
+    model="fast",
+    model_kwargs=dict(
+        widths=[64, 256, 256],       # channels of the three conv groups
+        bn_momentum=0.4,             # BatchNorm running statistics: running = 0.6 running + 0.4 batch
+        head_scale=1 / 9,            # the logits are the linear head's output times this
+        whiten_eps=5e-4,             # added to the 2x2-patch covariance's eigenvalues (whitening stem)
+    ),
+    val_size=0,                      # all 50,000 training images, as airbench94 (--val-size 5000 for curves)
+    augment=dict(flip="alternate",   # each image mirrored every other epoch
+                 pad=2, pad_mode="reflect",  # random translation by up to 2 px, reflected borders
+                 low_res=24, low_res_epochs=4),  # the first 4 epochs at 24x24 px
+    epochs=9.0,
+    batch_size=256,                  # images per optimizer step
+    lr=0.375,                        # peak SGD rate on the batch-mean loss (non-filter parameters)
+    momentum=0.85, nesterov=True,
+    weight_decay=1.33e-3,            # coupled, per step
+    bias_lr_scale=64.0,              # BatchNorm biases learn 64x faster, decay 64x less
+    label_smoothing=0.2,
+    schedule="linear", pct_start=0.23,  # linear one-cycle: 23% of the steps warming up
+    div_factor=5.0,                  # starts at lr / 5
+    final_div_factor=0.2 / 0.07,     # ends at 0.07 x the peak
+    cycle_momentum=False,
+    muon_lr=0.08,                    # Muon step: 8% of each filter bank's norm (held at sqrt(out))
+    muon_momentum=0.8, muon_ns_steps=3,
+    lookahead=True, lookahead_every=5, lookahead_decay=0.95, lookahead_power=3.0,
+    whiten_bias_epochs=3,            # the whitening stem's bias trains for 3 epochs, then freezes
+    tta=2, tta_threshold=0.7,        # 6 views (mirror x 1-px shifts) for images < 70% sure
+    eval_batch_size=250,
 )
 
 PRESETS: dict[str, dict] = {
-    # The seed project's recipe, unchanged: ResNet-18-GN, pad 4 with the mean colour + crop +
-    # 1-2 cutout holes of 8-16 px (p 0.8), SGD 0.9 / 5e-4, OneCycle (cosine) from an LR range test.
+    # The seed project's recipe, unchanged: ResNet-18-GN, pad 4 with the mean colour + crop + 1-2
+    # cutout holes of 8-16 px (p 0.8), SGD 0.9 / 5e-4, OneCycle (cosine) from an LR range test.
     "seed": dict(
         model="resnet18_gn", epochs=30, batch_size=512, lr="auto", momentum=0.9, weight_decay=5e-4,
         schedule="cosine", pct_start=0.3, div_factor=25.0, final_div_factor=1e4, cycle_momentum=True,
         augment={"flip": "none", "pad": 4, "pad_mode": "mean", "cutout": [8, 16],
                  "cutout_holes": [1, 2], "cutout_p": 0.8},
     ),
-    # All 50,000 training images, no per-epoch validation (add --val-size 5000 for curves): the
-    # data airbench94 uses. The first 4 of 9 epochs see images downscaled to 24 px (an epoch
-    # takes ~70 s there instead of ~115 s on 2 CPU cores); see BENCHMARKS.md for the ablation.
-    "fast": dict(_FAST, epochs=9.0, val_size=0,
-                 augment=dict(_FAST["augment"], low_res=24, low_res_epochs=4)),
-    # A demo: the fast recipe on a 2-epoch budget, about 4 minutes on 2 CPU cores (86.0% test
-    # accuracy there, seed 0), at full size throughout.
-    "quick": dict(_FAST, epochs=2.0),
+    "fast": FAST,
+    # A demo: the fast recipe on a 2-epoch budget at full size, 5,000 images held out for
+    # validation curves: 86.0% test accuracy in about 4 minutes on 2 CPU cores (seed 0).
+    "quick": dict(FAST, epochs=2.0, val_size=5000, augment=dict(flip="alternate", pad=2, pad_mode="reflect")),
 }
 
 
@@ -125,5 +218,8 @@ def preset_config(name: str, **overrides) -> TrainConfig:
     if name not in PRESETS:
         raise CifarkitError(f"unknown preset '{name}'; choose one of: {', '.join(list_presets())}")
     values = dict(PRESETS[name], preset=name)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("model", values.get("model")) != values.get("model") and "model_kwargs" not in given:
+        values.pop("model_kwargs", None)  # the preset's model settings belong to the preset's model
+    values.update(given)
     return TrainConfig.from_dict(values)

@@ -15,42 +15,41 @@ import numpy as np
 
 from . import analysis, explain, plots
 from .errors import CifarkitError
+from .rundir import RunDir
 
 CAM_COLUMNS = 10  # images per Grad-CAM grid: enough to see a pattern, small enough to read
 MAX_SHOWN = 100   # misclassified images in one grid
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
 class Report:
-    def __init__(self, run_dir: Path, out: Path):
-        self.run_dir, self.out = run_dir, out
+    def __init__(self, run: RunDir, out: Path):
+        self.run, self.out = run, out
         self.figures: list[tuple[str, str, str]] = []  # (file, title, caption)
         self.notes: list[str] = []
         self.tables: dict[str, list[tuple[str, str]]] = {}
 
     def add(self, fig, name: str, title: str, caption: str) -> None:
-        _save(fig, self.out / name)
+        fig.savefig(self.out / name, dpi=110, bbox_inches="tight")
         self.figures.append((name, title, caption))
 
     def attempt(self, what: str, fn) -> None:
         try:
             fn()
         except CifarkitError as exc:
-            self.notes.append(f"{what}: {exc}")
+            self.notes.append(f"{what}: {self._without_paths(str(exc))}")
         except FileNotFoundError as exc:
             self.notes.append(f"{what}: missing {Path(exc.filename).name if exc.filename else exc}")
 
+    def _without_paths(self, text: str) -> str:
+        """A page may be shared: the run and its data by name, never by a path of this machine."""
+        source, _ = self.run.data_source()
+        if source:
+            text = text.replace(str(source), self.run.data_name())
+        return text.replace(str(self.run.path.resolve()), self.run.name).replace(str(self.run.path), self.run.name)
+
 
 def _curves(r: Report) -> None:
-    metrics = r.run_dir / "metrics.csv"
-    if not metrics.is_file():
-        raise CifarkitError("no metrics.csv in the run directory")
-    m = plots.read_metrics(metrics)
+    m = r.run.read_metrics()
     r.add(plots.curves(m), "curves.png", "Loss and accuracy",
           "Training and validation loss and accuracy per epoch; the dashed line is the final test result.")
     if m["lr"][0]:
@@ -59,9 +58,8 @@ def _curves(r: Report) -> None:
 
 
 def _lr_find(r: Report) -> None:
-    curve_file = r.run_dir / "lr_find.json"
-    if curve_file.is_file():
-        curve = json.loads(curve_file.read_text())
+    if r.run.lr_find_json.is_file():
+        curve = json.loads(r.run.lr_find_json.read_text())
         r.add(plots.lr_range_test(curve), "lr_find.png", "LR range test",
               f"Loss while the learning rate grows exponentially; the suggestion {curve['suggestion']:.3g} "
               "(steepest descent) was the schedule's peak.")
@@ -69,10 +67,10 @@ def _lr_find(r: Report) -> None:
 
 def _predictions(r: Report, n: int, method: str) -> None:
     from .weights import load
-    model = load(r.run_dir)
-    images, labels = analysis.load_test_split(r.run_dir)
+    model = load(r.run.path)
+    images, labels = analysis.load_test_split(r.run.path)
     p = analysis.predict_arrays(model, images, labels)
-    analysis.save_gallery(r.run_dir, p)  # what the app shows, without the dataset
+    analysis.save_gallery(r.run.path, p)  # what the app shows, without the dataset
     conf = analysis.confusion(p)
     per_class = analysis.per_class_accuracy(conf)
     r.tables["Per-class test accuracy (single view)"] = [(c, f"{a:.2%}") for c, a in zip(p.classes, per_class)]
@@ -109,13 +107,13 @@ def _write_pages(r: Report) -> None:
                    f"<figcaption>{html.escape(c)}</figcaption></figure>" for f, t, c in r.figures)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cifarkit report: "
-            f"{html.escape(r.run_dir.name)}</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;"
+            f"{html.escape(r.run.name)}</title><style>body{{font-family:system-ui,sans-serif;max-width:1100px;"
             "margin:2em auto;padding:0 1em;color:#222}table{border-collapse:collapse}td{border:1px solid #ccc;"
             "padding:3px 10px}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}"
-            f"</style></head><body><h1>Run {html.escape(r.run_dir.name)}</h1>{rows}"
+            f"</style></head><body><h1>Run {html.escape(r.run.name)}</h1>{rows}"
             + (f"<h2>Not in this report</h2><ul>{notes}</ul>" if notes else "") + figs + "</body></html>")
     (r.out / "index.html").write_text(page)
-    md = [f"# Run {r.run_dir.name}", ""]
+    md = [f"# Run {r.run.name}", ""]
     for t, tab in r.tables.items():
         md += [f"## {t}", "", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in tab], ""]
     md += [f"![{t}]({f})" for f, t, _ in r.figures]
@@ -123,34 +121,34 @@ def _write_pages(r: Report) -> None:
     (r.out / "summary.md").write_text("\n".join(md) + "\n")
 
 
-def _settings(run_dir: Path) -> list[tuple[str, str]]:
+def _settings(run: RunDir) -> list[tuple[str, str]]:
+    """The results table: the data by name, never by a path of this machine."""
+    res = run.read_results()
+    if res is None:
+        return []
+    shown = {**res.to_dict(), "data": run.data_name()}
     rows = []
-    res_file = run_dir / "results.json"
-    if res_file.is_file():
-        res = json.loads(res_file.read_text())
-        for k in ("test_acc", "test_loss", "preset", "model", "epochs", "steps", "lr", "seconds", "data",
-                  "train_images", "seed", "tta", "precision", "cifarkit_version"):
-            if k in res:
-                v = res[k]
-                rows.append((k, f"{v:.4f}" if isinstance(v, float) and k.startswith("test") else str(v)))
+    for k in ("test_acc", "test_loss", "preset", "model", "epochs", "steps", "lr", "seconds", "data",
+              "train_images", "seed", "tta", "precision", "cifarkit_version"):
+        v = shown.get(k)
+        if v is not None:
+            rows.append((k, f"{v:.4f}" if isinstance(v, float) and k.startswith("test") else str(v)))
     return rows
 
 
 def write_report(run_dir: str | Path, n: int = 20, method: str = "gradcam", out: str | Path | None = None) -> Path:
     """Write RUN_DIR/report/ (or `out`); returns its path. Raises only if nothing can be written."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CifarkitError(f"{run_dir} is not a run directory")
+    run = RunDir.open(run_dir)
     if not 1 <= n <= MAX_SHOWN:
         raise CifarkitError(f"--n must be between 1 and {MAX_SHOWN}, got {n}")
     explain._cam_class(method)  # an unknown method fails before any work
-    r = Report(run_dir, Path(out) if out else run_dir / "report")
+    r = Report(run, Path(out) if out else run.report_dir)
     try:
         r.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CifarkitError(f"cannot write the report to {r.out}: {exc.strerror or exc}") from None
     start = time.time()
-    r.tables["Results"] = _settings(run_dir)
+    r.tables["Results"] = _settings(run)
     r.attempt("curves", lambda: _curves(r))
     r.attempt("LR range test", lambda: _lr_find(r))
     r.attempt("predictions, mistakes and Grad-CAM", lambda: _predictions(r, n, method))
@@ -164,7 +162,8 @@ def overlays_for_files(run_dir: str | Path, images: list[str], layer: str | None
     """`cifarkit gradcam`: an overlay PNG per readable image file; returns the written paths."""
     from PIL import Image
 
-    from .weights import load, open_image, to_rgb32
+    from .images import rgb_array
+    from .weights import load
     model = load(run_dir)
     layer = explain.resolve_layer(model.net, layer)
     explain._cam_class(method)
@@ -173,7 +172,7 @@ def overlays_for_files(run_dir: str | Path, images: list[str], layer: str | None
     written = []
     for path in images:
         try:
-            arr = np.asarray(to_rgb32(open_image(path)), dtype=np.uint8)[None]  # (1, 32, 32, 3)
+            arr = rgb_array(path)[None]  # (1, 32, 32, 3)
         except CifarkitError as exc:
             print(f"skipped: {exc}", file=sys.stderr)
             continue

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .errors import CifarkitError
-
-SIZE = 32
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from .images import SIZE, SUFFIXES, open_image, rgb_array
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck")
 
@@ -67,15 +64,11 @@ _PY_NAMES = {"batches.meta", "test_batch", "meta", "train", "test"} | {f"data_ba
 
 
 def _decode(raw: bytes, name: str, notices: list) -> np.ndarray:
-    try:
-        img = Image.open(io.BytesIO(raw))
-        img = img.convert("RGB")
-    except Exception as exc:
-        raise CifarkitError(f"cannot decode image '{name}': {exc}") from None
+    """images.rgb_array, the conversion inference uses too; other sizes are noted for a notice."""
+    img = open_image(io.BytesIO(raw), name)
     if img.size != (SIZE, SIZE):
         notices.append(name)
-        img = img.resize((SIZE, SIZE), Image.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
+    return rgb_array(img, name)
 
 
 def _image_folder(entries: list[tuple[str, bytes]], source: str) -> Arrays:
@@ -119,7 +112,7 @@ def _read_tar(path: Path) -> Arrays:
                 name = Path(m.name).name
                 if name in _PY_NAMES:
                     py[name] = tar.extractfile(m).read()
-                elif name.lower().endswith(IMAGE_SUFFIXES):
+                elif name.lower().endswith(SUFFIXES):
                     images.append((m.name, tar.extractfile(m).read()))
     except Exception as exc:  # TarError, EOFError, zlib.error, OSError: all mean a bad archive
         reason = str(exc).splitlines()[0].rstrip(":")  # tarfile lists each compression it tried
@@ -137,7 +130,7 @@ def _read_dir(path: Path) -> Arrays:
             root = hits[0].parent
             return _python_batches({f.name: f.read_bytes() for f in root.iterdir()
                                     if f.name in _PY_NAMES}, str(path))
-    files = [f for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [f for f in sorted(path.rglob("*")) if f.suffix.lower() in SUFFIXES]
     return _image_folder([(str(f.relative_to(path)), f.read_bytes()) for f in files], str(path))
 
 
@@ -165,7 +158,8 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-CACHE_VERSION = 2  # bump when the cached arrays' meaning changes: older caches are rebuilt
+# Bump when the cached arrays' meaning changes: older caches are rebuilt. 3: images.rgb_array decodes
+CACHE_VERSION = 3
 
 
 def _checksum(a: Arrays) -> str:

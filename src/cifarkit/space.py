@@ -7,13 +7,16 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from . import __version__, analysis
+from . import __version__
 from .errors import CifarkitError
-from .weights import WEIGHTS_NAME, load
+from .rundir import RunDir
+from .weights import load
 
-APP_MODULES = ("__init__", "errors", "models", "weights", "augment", "analysis", "explain", "app")
-REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "safetensors", "matplotlib", "grad-cam", "gradio")
-RUN_FILES = (WEIGHTS_NAME, "results.json", analysis.GALLERY_NAME, "report/curves.png", "report/confusion.png")
+# the modules the app imports, and theirs
+APP_MODULES = ("__init__", "errors", "images", "models", "presets", "rundir", "weights", "augment",
+               "analysis", "explain", "app")
+REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "safetensors", "matplotlib", "grad-cam", "pyyaml",
+                "gradio")
 
 APP_PY = '''"""Hugging Face Space entry point: serves the bundled run with the cifarkit app."""
 from pathlib import Path
@@ -35,7 +38,7 @@ def _pinned(name: str) -> str:
         return name
 
 
-def _readme(model: str, acc: str) -> str:
+def _readme(model: str, acc: str, data: str) -> str:
     return f"""---
 title: cifarkit {model}
 emoji: 🖼️
@@ -50,7 +53,7 @@ pinned: false
 
 # CIFAR-10 classifier with Grad-CAM
 
-A `{model}` trained with cifarkit {__version__}; test accuracy {acc}. Upload any image to see the
+A `{model}` trained with cifarkit {__version__}; test accuracy {acc} ({data}). Upload any image to see the
 top classes and where the model looked, browse its mistakes, and a Grad-CAM gallery.
 
 Run locally: `pip install -r requirements.txt && python app.py`.
@@ -58,19 +61,13 @@ Run locally: `pip install -r requirements.txt && python app.py`.
 
 
 def export_space(run_dir: str | Path, out: str | Path) -> Path:
-    run_dir, out = Path(run_dir), Path(out)
-    model = load(run_dir)                       # fails early on a run without usable weights
-    if not (run_dir / analysis.GALLERY_NAME).is_file():
-        raise CifarkitError(f"{run_dir} has no {analysis.GALLERY_NAME}; run `cifarkit report {run_dir}` first")
+    run, out = RunDir.open(run_dir, need=("weights", "gallery")), Path(out)
+    model = load(run.path)                      # fails early on a run without usable weights
     if out.exists() and any(out.iterdir()):
         raise CifarkitError(f"{out} exists and is not empty; choose a new folder")
     try:
         (out / "run").mkdir(parents=True, exist_ok=True)
-        for rel in RUN_FILES:
-            if (run_dir / rel).is_file():
-                (out / "run" / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(run_dir / rel, out / "run" / rel)
-        shutil.copytree(run_dir / analysis.EXAMPLES_DIR, out / "run" / analysis.EXAMPLES_DIR)
+        run.publish(out / "run")                # the run's published files; results without paths
         pkg = out / "cifarkit"
         pkg.mkdir()
         for name in APP_MODULES:
@@ -78,7 +75,8 @@ def export_space(run_dir: str | Path, out: str | Path) -> Path:
         (out / "app.py").write_text(APP_PY)
         (out / "requirements.txt").write_text("\n".join(_pinned(r) for r in REQUIREMENTS) + "\n")
         acc = model.meta.get("test_acc")
-        (out / "README.md").write_text(_readme(model.meta["model"], f"{float(acc):.2%}" if acc else "not recorded"))
+        (out / "README.md").write_text(_readme(model.meta["model"], f"{float(acc):.2%}" if acc else "not recorded",
+                                               run.data_name()))
     except OSError as exc:
         raise CifarkitError(f"cannot write the Space to {out}: {exc.strerror or exc}") from None
     return out

@@ -11,18 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .augment import normalize
 from .errors import CifarkitError
+from .images import rgb_batch
 from .models import MODELS, build_model
-
-WEIGHTS_NAME = "model.safetensors"
-MAX_PIXELS = 40_000_000  # larger uploads are refused rather than decoded (40 MP, e.g. 8000x5000)
-Image.MAX_IMAGE_PIXELS = 2 * MAX_PIXELS  # Pillow's own bomb guard stays above ours
+from .rundir import WEIGHTS_NAME, RunDir
 
 
 @dataclass
@@ -35,53 +33,25 @@ class Loaded:
 
     def normalize(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images (B, 32, 32, 3) -> normalized float (B, 3, 32, 32), as in training."""
-        from .augment import Augment
-        return Augment(self.mean, self.std).normalize(torch.as_tensor(x))
+        return normalize(torch.as_tensor(x), self.mean, self.std)
 
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images of any size/mode -> normalized (B, 3, 32, 32) float batch."""
-        return self.normalize(np.stack([np.asarray(to_rgb32(im), dtype=np.uint8) for im in images]))
+    def preprocess(self, images) -> torch.Tensor:
+        """Files, bytes, PIL images (any size or mode) or a uint8 array -> normalized (B, 3, 32, 32)."""
+        return self.normalize(rgb_batch(images))
 
-    @torch.no_grad()
-    def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
-        self.net.eval()
-        return torch.softmax(self.net(self.preprocess(images)).float(), dim=1)  # (B, K)
+    def probabilities(self, images, batch_size: int = 1000) -> torch.Tensor:
+        """Class probabilities (B, K) of files, PIL images or uint8 images (B, 32, 32, 3)."""
+        return probabilities(self.net, rgb_batch(images), self.mean, self.std, batch_size)
 
 
-def to_rgb32(img: Image.Image, size: int = 32) -> Image.Image:
-    """Any PIL image (grayscale, RGBA, palette, 16-bit) as 32x32 RGB; alpha composited on white."""
-    if img.width * img.height > MAX_PIXELS:
-        raise CifarkitError(f"image is {img.width}x{img.height}: over the {MAX_PIXELS:,}-pixel limit")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        span = max(a.max() - a.min(), 1e-9)
-        img = Image.fromarray(((a - a.min()) / span * 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, rgba)
-    img = img.convert("RGB")
-    if img.size != (size, size):
-        img.draft("RGB", (size * 4, size * 4))  # JPEG: decode at a reduced scale first
-        img = img.resize((size, size), Image.BICUBIC)
-    return img
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, or raise a one-line CifarkitError.
-
-    The size is checked from the header, before decoding, so a huge image costs nothing."""
-    try:
-        img = Image.open(path)
-        if img.width * img.height > MAX_PIXELS:
-            raise CifarkitError(f"image {Path(path).name} is {img.width}x{img.height}: over the "
-                                f"{MAX_PIXELS:,}-pixel limit; downscale it first")
-        img.load()
-        return img
-    except FileNotFoundError:
-        raise CifarkitError(f"no such image: {path}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
-        raise CifarkitError(f"cannot read image {Path(path).name}: {str(exc).splitlines()[0]}") from None
+@torch.no_grad()
+def probabilities(net: nn.Module, images: np.ndarray, mean, std, batch_size: int = 1000) -> torch.Tensor:
+    """THE path from uint8 images (N, 32, 32, 3) to softmax probabilities (N, K), in eval mode."""
+    net = net.eval()
+    x = torch.as_tensor(images)
+    out = [torch.softmax(net(normalize(x[i:i + batch_size], mean, std)).float(), dim=1)
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
 
 
 def save_weights(net: nn.Module, path: Path, model: str, classes: list[str], mean, std,
@@ -97,11 +67,14 @@ def save_weights(net: nn.Module, path: Path, model: str, classes: list[str], mea
 
 
 def weights_path(path: str | Path) -> Path:
+    """The weights file of a run directory or Hub folder, or the .safetensors file given."""
     p = Path(path)
     if p.is_dir():
+        if RunDir(p).is_run():
+            return RunDir.open(p, need=("weights",)).weights_file
         p = p / WEIGHTS_NAME
     if not p.is_file():
-        raise CifarkitError(f"no weights at {p}: give a finished run directory or a .safetensors file")
+        raise CifarkitError(f"no weights at {p}: give a finished run directory, a Hub folder or a .safetensors file")
     return p
 
 
@@ -147,4 +120,5 @@ def load(path: str | Path, expect: tuple[str, int] | None = None) -> Loaded:
     except RuntimeError:
         raise CifarkitError(f"weights {p} hold {_describe(identify(tensors))}, but their metadata says "
                             f"{_describe(said)}; the file was altered: use the run's own weights") from None
-    return Loaded(net.eval(), classes, json.loads(meta["mean"]), json.loads(meta["std"]), meta)
+    net = net.eval().to(memory_format=torch.channels_last)  # ~1.4x faster on CPU
+    return Loaded(net, classes, json.loads(meta["mean"]), json.loads(meta["std"]), meta)
