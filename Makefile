@@ -10,7 +10,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export CIFARKIT_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: setup demo test test-fast bench bench-gpu clean
+.PHONY: setup browser demo test test-fast bench bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,22 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/cifarkit train --preset quick
 
-test: setup
+# The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Chromium for the browser tests (apt-get install chromium)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "make test needs Chromium for its browser tests: install it (Debian: sudo apt-get install -y chromium) and run make test again, or run make test-fast"; \
+	    exit 1; \
+	  fi; }
+
+# Everything: unit tests, trainings on the real data, the DDP run, the app server and the browser.
+test: setup browser
 	$(BIN)/python -m pytest
 
+# Every test not marked slow (nothing trains, serves or opens a browser): a few minutes.
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 

@@ -26,6 +26,17 @@ def real_data() -> Path:
     return path
 
 
+# Tests that use these fixtures train a model or start a server or a browser: they are slow
+# (`make test-fast` leaves them out; `make test` and CI run them).
+SLOW_FIXTURES = {"tiny_run", "reported_run", "served", "page", "reference"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """One decode cache per test session, so tests never read a user's cache."""

@@ -1,13 +1,15 @@
 """The app in a real browser: Debian's Chromium driven by Playwright. Screenshots are kept in
 artifacts/screenshots/ (or $CIFARKIT_ARTIFACTS) for people to look at."""
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, free_port
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = (os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+            or "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
@@ -24,7 +26,7 @@ def page(reported_run):
     from playwright.sync_api import sync_playwright
 
     from cifarkit.app import launch
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: apt-get install -y chromium"
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: `make test` installs it (apt-get install -y chromium)"
     port = free_port()
     demo = launch(reported_run, port=port, prevent_thread_lock=True, quiet=True)
     with sync_playwright() as p:

@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.sources import load_arrays
 from cifarkit.presets import preset_config
 from cifarkit.weights import load
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_is_complete_loads_and_ranks_train_on_different_batches(tmp_path, cifar_path):
     load_arrays(str(cifar_path))  # decode once here, not in each rank
     config = tmp_path / "ddp.yaml"  # lr auto with a short range test: it must run once, on rank 0

@@ -97,6 +97,7 @@ def stop_after_a_mid_epoch_checkpoint(proc: subprocess.Popen, last: Path, sig: i
 # Interrupted runs
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, toy, reference):
     run = tmp_path / "run"
     proc = start(toy, run, ckpt_every_steps=3)
@@ -108,6 +109,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, toy
     assert_same_run(run, reference)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_writes_the_report_and_prints_the_resume_command(tmp_path, toy, reference):
     run = tmp_path / "run"
     proc = start(toy, run, ckpt_every_steps=3, report=True)
@@ -123,6 +125,7 @@ def test_ctrl_c_saves_a_checkpoint_writes_the_report_and_prints_the_resume_comma
     assert_same_run(run, reference)
 
 
+@pytest.mark.slow
 def test_resume_before_any_checkpoint_keeps_the_recorded_lr_and_runs_no_new_range_test(tmp_path, toy, capsys):
     run = tmp_path / "run"  # killed after the LR range test, before the first checkpoint
     run.mkdir()
@@ -135,6 +138,7 @@ def test_resume_before_any_checkpoint_keeps_the_recorded_lr_and_runs_no_new_rang
     assert json.loads((run / "results.json").read_text())["lr"] == 0.0123
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, toy, capsys):
     run = tmp_path / "run"
     code = main(toy_args(toy, out=run, ckpt_every_steps=1) + ["--lr", "1e6"])  # the last --lr wins
@@ -162,6 +166,7 @@ for i in range(10_000):
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
     for delay in (0.3, 0.5, 0.7, 0.9, 1.1):  # until a kill lands mid-write (a partial file is left)
@@ -178,6 +183,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path
     assert torch.equal(ckpt["w"], torch.full((16_000_000,), float(ckpt["global_step"])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_full_or_read_only_disk_mid_run_is_one_line_and_keeps_what_was_saved(tmp_path, toy, capsys,
                                                                                 monkeypatch, code):
@@ -280,6 +286,7 @@ def test_checkpoint_holding_pickled_objects_is_refused(tmp_path, toy, capsys):
 # Determinism
 
 
+@pytest.mark.slow
 def test_same_seed_on_cpu_gives_identical_metrics(tmp_path, toy):
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:
