@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from cifarkit import calibration as cal
 from cifarkit import label_issues as li
+from cifarkit import robustness as rob
 from cifarkit.errors import CifarkitError
 
 
@@ -174,3 +175,104 @@ def test_out_of_fold_splits_hold_every_index_out_once_and_refuse_one_fold():
     with pytest.raises(CifarkitError) as e:
         li.out_of_fold_splits(103, 1)
     assert "--folds must be at least 2" in _one_line(e)
+
+
+# -- robustness -------------------------------------------------------------------------------------
+
+def _images(n=64, seed=0):
+    """Smooth colour fields plus a little noise: photo-like, so pixelation grows with severity as on
+    CIFAR-10 (pure per-pixel noise would make any resampling equally far)."""
+    rng = np.random.default_rng(seed)
+    base = torch.from_numpy(rng.uniform(30, 225, (n, 3, 6, 6))).float()                     # (n, 3, 6, 6)
+    up = torch.nn.functional.interpolate(base, size=32, mode="bicubic").permute(0, 2, 3, 1)  # (n, 32, 32, 3)
+    return np.clip(up.numpy() + rng.normal(0, 4, up.shape), 0, 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", rob.CORRUPTIONS)
+def test_each_corruption_is_identity_at_0_grows_with_severity_and_repeats_with_its_seed(name):
+    x = _images()
+    same = rob.corrupt(x, name, 0)
+    assert np.array_equal(same, x) and same is not x
+    dist = []
+    for s in range(1, 6):
+        y = rob.corrupt(x, name, s, seed=3)
+        assert y.dtype == np.uint8 and y.shape == x.shape
+        assert np.array_equal(y, rob.corrupt(x, name, s, seed=3))
+        dist.append(np.abs(y.astype(int) - x).mean())
+    assert min(dist) > 0 and dist[4] > dist[0], dist
+    if name == "gaussian_noise":
+        assert not np.array_equal(rob.corrupt(x, name, 3, seed=3), rob.corrupt(x, name, 3, seed=4))
+
+
+def test_corrupt_leaves_the_global_random_state_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    rob.corrupt(_images(4), "gaussian_noise", 5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_unknown_corruption_or_severity_is_one_line_listing_the_choices():
+    with pytest.raises(CifarkitError) as e:
+        rob.corrupt(_images(2), "snow", 1)
+    assert "gaussian_noise" in _one_line(e) and "pixelate" in str(e.value)
+    for bad in (6, -1, 2.5, "3"):
+        with pytest.raises(CifarkitError) as e:
+            rob.corrupt(_images(2), "jpeg", bad)
+        assert "0" in _one_line(e) and "5" in str(e.value)
+    with pytest.raises(CifarkitError):
+        rob.evaluate(lambda im: np.zeros(len(im)), _images(2), np.zeros(2), severities=(1, 9))
+
+
+def _brightness_classifier(images):
+    """Three classes by mean brightness; returns probabilities (B, 3)."""
+    m = images.reshape(len(images), -1).mean(1)
+    return np.eye(3)[np.digitize(m, [85, 170])]
+
+
+def test_evaluate_measures_every_setting_on_one_seeded_subsample():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    images = np.clip(labels[:, None, None, None] * 85 + 42 + rng.integers(-20, 20, (300, 32, 32, 3)),
+                     0, 255).astype(np.uint8)
+    r = rob.evaluate(_brightness_classifier, images, labels, seed=0, n=200, batch_size=64)
+    assert r.accuracy.shape == (6, 5) and r.n == 200 and r.clean_accuracy == 1.0
+    assert r.mean_corruption_accuracy == pytest.approx(r.accuracy.mean())
+    assert r.at("brightness", 5) < r.at("brightness", 1) <= 1.0  # brighter images cross the class borders
+    assert r.at("gaussian_blur", 3) == 1.0  # blur keeps the mean
+    again = rob.evaluate(lambda im: _brightness_classifier(im).argmax(1), images, labels, seed=0, n=200)
+    assert np.array_equal(again.accuracy, r.accuracy)  # class indices or probabilities alike
+    rows = rob.table_rows(r)
+    assert rows[0] == ["corruption", *[f"severity {s}" for s in range(1, 6)], "mean"]
+    assert [row[0] for row in rows[1:-1]] == list(rob.CORRUPTIONS) and len(rows[-1]) == 7
+
+
+# -- figures ----------------------------------------------------------------------------------------
+
+def _drawn(fig):
+    assert isinstance(fig, Figure) and fig.axes
+    fig.savefig(io.BytesIO(), format="png")  # renders without pyplot
+    return fig
+
+
+def test_every_figure_has_axes_with_data():
+    z, rng = _logits(n=2000)
+    labels = _sample(_softmax(z / 2), rng)
+    fig = _drawn(cal.reliability_figure(_softmax(z), cal.apply_temperature(z, 2.0), labels))
+    assert len(fig.axes) == 4 and all(ax.patches for ax in fig.axes)
+    probs, given, _, _ = _noisy_set(n=500)
+    issues = li.find_label_issues(probs, given)
+    fig = _drawn(li.label_issues_figure(_images(500), issues, [str(i) for i in range(10)], n=10))
+    assert sum(bool(ax.images) for ax in fig.axes) == 10
+    assert fig.axes[0].get_title().startswith("given ")
+    empty = li.find_label_issues(np.eye(3), np.arange(3))
+    assert len(empty) == 0 and _drawn(li.label_issues_figure(_images(3), empty, ["a", "b", "c"])).axes[0].texts
+    r = rob.RobustnessResult(rob.CORRUPTIONS, (1, 2, 3, 4, 5), rng.random((6, 5)), 0.9, 100, 0, 1.0)
+    fig = _drawn(rob.robustness_figure(r))
+    assert len(fig.axes[0].lines) == 6 + 2
+
+
+def test_the_modules_leave_the_matplotlib_backend_alone():
+    code = ("import cifarkit.calibration, cifarkit.label_issues, cifarkit.robustness, sys; "
+            "assert 'matplotlib.pyplot' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
