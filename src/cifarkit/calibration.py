@@ -94,6 +94,8 @@ def fit_temperature(logits, labels) -> float:
     finds the optimum to ~1e-9 without a gradient, an optimizer or a random start. Give logits;
     from probabilities only, np.log(probs) are valid logits (softmax ignores a per-row shift)."""
     z, y = _np(logits).astype(np.float64), _np(labels).astype(np.int64)
+    if z.ndim != 2 or len(z) != len(y):
+        raise CifarkitError(f"logits {z.shape} and labels {y.shape} do not match: give (N, K) and (N,)")
     if len(z) < MIN_FIT_SAMPLES:
         raise CifarkitError(f"fitting a temperature needs at least {MIN_FIT_SAMPLES} held-out samples, "
                             f"got {len(z)}; use a larger --val-size")
