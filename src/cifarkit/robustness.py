@@ -30,6 +30,9 @@ SEVERITIES: dict[str, tuple[float, ...]] = {
 }
 CORRUPTIONS = tuple(SEVERITIES)
 MAX_SEVERITY = 5
+# images per setting on a CPU: 31 x 1,000 forward passes of the fast net took 65 s on 2 busy cores
+# (bench/robustness_speed.py); all 10,000 test images would take ~9 minutes there, seconds on a GPU
+CPU_SUBSAMPLE = 1000
 
 
 def _check(name: str, severity: int) -> None:
