@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cifarkit.errors import CifarkitError
-from cifarkit.lr_finder import (DIVERGE_OVER_BEST, DIVERGE_OVER_START, MUON_REFUSAL, LRFind, check_sweepable,
-                                find_lr, load_lr_find, plot_lr_find, save_lr_find, smooth, suggest)
+from cifarkit.lr_finder import (DIVERGE_OVER_BEST, DIVERGE_OVER_START, MUON_REFUSAL, LRFind, LRFindRefused,
+                                check_sweepable, find_lr, load_lr_find, plot_lr_find, save_lr_find, smooth,
+                                suggest)
 
 CURVATURE = 4.0  # the bowl's Hessian is CURVATURE * I: plain SGD is fastest at 1 / CURVATURE
 
@@ -187,9 +188,10 @@ def test_short_sweep_is_refused_in_one_line_before_training(tmp_path):
 
 
 def test_flat_noisy_sweep_is_refused_in_one_line(tmp_path):
-    with pytest.raises(CifarkitError, match="too short or too noisy") as e:
+    with pytest.raises(LRFindRefused, match="too short or too noisy") as e:
         sweep(tmp_path, Flat(), min_lr=1e-4, max_lr=10.0, num_training=100)
-    assert "\n" not in str(e.value) and "--lr" in str(e.value)
+    assert "\n" not in str(e.value) and "--lr" in str(e.value) and isinstance(e.value, CifarkitError)
+    assert len(e.value.curve["raw_loss"]) == 100 and "suggestion" not in e.value.curve  # to draw, not to use
 
 
 def test_sweep_starting_past_divergence_is_refused(tmp_path):

@@ -39,6 +39,15 @@ MUON_REFUSAL = ("the LR range test sweeps one rate, but Muon steps the conv filt
                 "rate (--muon-lr): pass --muon-lr 0 to sweep and train with plain SGD, or give --lr a number")
 
 
+class LRFindRefused(CifarkitError):
+    """The sweep ran but its curve cannot be read; `curve` holds what it recorded (no suggestion),
+    for a caller that wants to draw it. Its message is the one line to show."""
+
+    def __init__(self, message: str, curve: dict):
+        super().__init__(message)
+        self.curve = curve
+
+
 @dataclass
 class LRFind:
     """The result of a range test: the suggested rate, why, and the whole curve (what the JSON holds)."""
@@ -99,14 +108,14 @@ def diverged(smoothed: list[float]) -> bool:
     return s > DIVERGE_OVER_BEST * min(smoothed) or s > DIVERGE_OVER_START * smoothed[0]
 
 
-def _significance(f, start: float, low: float, raw: np.ndarray) -> tuple[float, float, float]:
-    """(fall / noise, fall, noise) on the scale f: the fall from the starting level to the minimum,
-    the noise from the raw losses up to it (RMS of second differences / sqrt(6): a smooth trend
-    drops out, white noise of std sigma gives sigma)."""
-    fall = float(f(start) - f(low))
+def _fall_over_noise(f, start: float, low: float, raw: np.ndarray) -> float:
+    """The fall from the starting level to the minimum over the step-to-step noise of the raw losses
+    up to it, on the scale f. Noise: RMS of second differences / sqrt(6) (a smooth trend drops out;
+    white noise of std sigma gives sigma)."""
     d2 = np.diff(f(raw), 2)
     noise = float(np.sqrt(np.mean(d2 ** 2) / 6)) if len(d2) else math.inf
-    return (fall / noise if noise > 0 else math.inf), fall, noise
+    fall = float(f(start) - f(low))
+    return fall / noise if noise > 0 else math.inf
 
 
 def suggest(lr: list[float], raw: list[float], beta: float) -> tuple[float, str, dict]:
@@ -122,17 +131,18 @@ def suggest(lr: list[float], raw: list[float], beta: float) -> tuple[float, str,
         raise CifarkitError(f"the LR range test's loss did not fall before it rose (smoothed minimum at "
                             f"lr {lr_a[m]:.3g}, step {m + 1}): start the sweep lower (lr_find min_lr) "
                             "or give --lr a number")
-    positive = bool((raw_a[:m + 1] > 0).all())  # relative change needs a positive loss; else linear
-    f = np.log if positive else (lambda v: np.asarray(v, float))
-    # the fall to the minimum against step-to-step noise, on a log scale (noise proportional to the
-    # loss, as on a bowl) or a linear one (a loss near 0 makes log noise explode): the larger wins
-    z, _, _ = max(_significance(g, raw_a[:head].mean(), s[m], raw_a[:m + 1])
-                         for g in ([np.log] if positive else []) + [lambda v: np.asarray(v, float)])
+    linear = lambda v: np.asarray(v, float)  # noqa: E731
+    positive = bool((raw_a[:m + 1] > 0).all())
+    f = np.log if positive else linear  # a relative change needs a positive loss
+    # the fall against the noise on a log scale (noise in proportion to the loss, as on a bowl) and
+    # on a linear one (a loss near 0 makes log noise explode): the larger counts
+    z = max(_fall_over_noise(g, raw_a[:head].mean(), s[m], raw_a[:m + 1])
+            for g in ((np.log, linear) if positive else (linear,)))
     if not z > MIN_DROP_SIGMAS:
         raise CifarkitError(f"the LR range test is too short or too noisy to read (its fall to the "
-                            f"minimum is {z:.2g}x the step-to-step noise, {MIN_DROP_SIGMAS:g}x is needed): sweep longer "
-                            "(lr_find num_training, cifarkit lr-find --num-training) or with a larger batch, "
-                            "or give --lr a number")
+                            f"minimum is {z:.2g}x the step-to-step noise, {MIN_DROP_SIGMAS:g}x is needed): "
+                            "sweep longer (lr_find num_training, cifarkit lr-find --num-training) or with "
+                            "a larger batch, or give --lr a number")
     ll, fs = np.log10(lr_a[:n]), f(s[:n])
     h = max(1, round(SLOPE_DECADES * _steps_per_decade(lr_a)))
     slopes = {}
@@ -145,9 +155,9 @@ def suggest(lr: list[float], raw: list[float], beta: float) -> tuple[float, str,
         raise CifarkitError("the LR range test's smoothed loss never fell below its start before its "
                             "minimum: sweep longer or from a lower rate, or give --lr a number")
     per_decade = (1 - math.exp(slopes[k])) if positive else -slopes[k]
-    how = f"{per_decade:.0%} of the loss per decade of lr" if positive else f"{per_decade:.3g} per decade of lr"
+    how = f"{per_decade:.0%} of its level" if positive else f"{per_decade:.3g}"
     reason = (f"steepest descent of the smoothed loss before its minimum ({s[m]:.3g} at lr {lr_a[m]:.3g}) "
-              f"and below its start ({s[0]:.3g}): the loss falls fastest there, {how}")
+              f"and below its start ({s[0]:.3g}): there it falls fastest, by {how} per decade of lr")
     return float(lr_a[k]), reason, dict(facts, suggestion_loss=float(s[k]))
 
 
@@ -184,7 +194,7 @@ class _Sweep(L.Callback):
         self.ratios = [g["lr"] / first if first else 1.0 for g in groups]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._now = self.lrs[len(self.raw)]
+        self._now = self.lrs[min(len(self.raw), len(self.lrs) - 1)]  # a skipped step does not count
         for g, r in zip(trainer.optimizers[0].param_groups, self.ratios):
             g["lr"] = self._now * r
 
@@ -220,9 +230,10 @@ def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None,
     the first parameter group's (the others keep their ratio to it, as configure_optimizers set
     them), so the suggestion is the value of the attribute that sets that group's rate. The
     module's schedulers do not step during the sweep, and a momentum a cycling schedule set at its
-    start (OneCycleLR: 0.95) goes back to the one the optimizer was built with (the seed's 0.9). Its weights, buffers and metric states come
-    back as they were. Raises CifarkitError (one line) for a sweep too short, too flat or too noisy
-    to read, a loss that never falls before it diverges, and a module with Muon (MUON_REFUSAL).
+    start (OneCycleLR: 0.95) goes back to the one the optimizer was built with (the seed's 0.9).
+    Its weights, buffers and metric states come back as they were. Raises CifarkitError (one line) for a sweep too short (before it runs) and a
+    module with Muon (MUON_REFUSAL); LRFindRefused (a CifarkitError carrying the recorded curve) for
+    a curve too flat or too noisy to read, or a loss that never falls before it diverges.
     """
     _check_sweep(min_lr, max_lr, num_training)
     hp = getattr(module, "hparams", {})
@@ -251,11 +262,14 @@ def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None,
             module._ema = None
     if not sweep.raw:
         raise CifarkitError("the LR range test recorded no loss (an empty training set?): give --lr a number")
-    suggestion, reason, facts = suggest(sweep.lr, sweep.raw, beta)
     curve = dict(lr=sweep.lr, raw_loss=sweep.raw, smooth_loss=smooth(sweep.raw, beta),
-                 suggestion=suggestion, reason=reason, **facts, diverged_at=sweep.diverged_at,
-                 beta=beta, min_lr=min_lr, max_lr=max_lr, num_training=num_training)
-    return LRFind(suggestion, reason, curve)
+                 diverged_at=sweep.diverged_at, beta=beta, min_lr=min_lr, max_lr=max_lr,
+                 num_training=num_training)
+    try:
+        suggestion, reason, facts = suggest(sweep.lr, sweep.raw, beta)
+    except CifarkitError as exc:
+        raise LRFindRefused(str(exc), curve) from None
+    return LRFind(suggestion, reason, dict(curve, suggestion=suggestion, reason=reason, **facts))
 
 
 # ---------------------------------------------------------------------------------------------
