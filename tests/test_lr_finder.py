@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import lightning as L
 import numpy as np
@@ -15,8 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cifarkit.errors import CifarkitError
 from cifarkit.lr_finder import (DIVERGE_OVER_BEST, DIVERGE_OVER_START, MUON_REFUSAL, LRFind, LRFindRefused,
-                                check_sweepable, find_lr, load_lr_find, plot_lr_find, save_lr_find, smooth,
-                                suggest)
+                                check_settings, check_sweepable, find_lr, load_lr_find, plot_lr_find,
+                                save_lr_find, smooth, suggest)
 
 CURVATURE = 4.0  # the bowl's Hessian is CURVATURE * I: plain SGD is fastest at 1 / CURVATURE
 
@@ -201,8 +203,11 @@ def test_sweep_starting_past_divergence_is_refused(tmp_path):
 
 def test_muon_is_refused_with_the_shared_message(tmp_path):
     check_sweepable(0.0)
-    with pytest.raises(CifarkitError, match="Muon"):
-        check_sweepable(0.08)
+    check_settings(1e-5, 10.0, 200, muon_lr=0.0)
+    for refuse in (lambda: check_sweepable(0.08), lambda: check_settings(muon_lr=0.08)):
+        with pytest.raises(CifarkitError) as e:
+            refuse()
+        assert str(e.value) == MUON_REFUSAL
     module = Bowl()
     module.save_hyperparameters({"muon_lr": 0.08})
     with pytest.raises(CifarkitError) as e:
@@ -263,8 +268,11 @@ def test_an_older_record_still_reads_and_draws(tmp_path):
         load_lr_find(tmp_path / "bad.json")
 
 
-def test_plotting_leaves_the_matplotlib_backend_alone():
-    import matplotlib
-    backend = matplotlib.get_backend()
-    plot_lr_find(dict(lr=[1e-3, 1e-2, 1e-1], raw_loss=[], smooth_loss=[2.3, 2.0, 2.2], suggestion=1e-2))
-    assert matplotlib.get_backend() == backend
+def test_reading_and_drawing_a_record_touch_neither_pyplot_nor_lightning(tmp_path):
+    (tmp_path / "lr_find.json").write_text(json.dumps(dict(lr=[1e-3, 1e-2, 1e-1], raw_loss=[2.3, 2.1, 2.4],
+                                                           smooth_loss=[2.3, 2.2, 2.3], suggestion=1e-2)))
+    code = ("import sys; from cifarkit.lr_finder import load_lr_find, plot_lr_find; "
+            f"plot_lr_find(load_lr_find({str(tmp_path / 'lr_find.json')!r})).savefig({str(tmp_path / 'x.png')!r}); "
+            "print(sorted(m for m in ('lightning', 'matplotlib.pyplot') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]

@@ -21,12 +21,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 import numpy as np
 from matplotlib.figure import Figure
 
 from .errors import CifarkitError
+
+if TYPE_CHECKING:  # Lightning is imported by find_lr only: reading and drawing a record needs none
+    import lightning as L
 
 MIN_STEPS = 10           # a shorter sweep cannot separate a trend from batch noise
 LAG_DECADES = 0.1        # the moving average lags the raw loss by this much of a decade of lr
@@ -170,9 +173,10 @@ def _steps_per_decade(lr: np.ndarray) -> float:
 # The sweep on a Lightning Trainer
 
 
-class _Sweep(L.Callback):
-    """Sets every parameter group's rate before each step (keeping the groups' ratios to the first)
-    and records the raw loss after it; stops the fit once the smoothed loss has diverged."""
+class _Sweep:
+    """The hooks of the sweep's Callback: set every parameter group's rate before each step (keeping
+    the groups' ratios to the first), record the raw loss after it, stop the fit once the smoothed
+    loss has diverged."""
 
     def __init__(self, lrs: list[float], beta: float):
         self.lrs, self.beta = lrs, beta
@@ -211,13 +215,25 @@ class _Sweep(L.Callback):
             trainer.should_stop = True
 
 
-def _check_sweep(min_lr: float, max_lr: float, num_training: int) -> None:
+def _sweep_callback(lrs: list[float], beta: float) -> _Sweep:
+    import lightning as L
+
+    class LRSweep(_Sweep, L.Callback):
+        pass
+
+    return LRSweep(lrs, beta)
+
+
+def check_settings(min_lr: float = 1e-5, max_lr: float = 10.0, num_training: int = 200,
+                   muon_lr: float = 0.0) -> None:
+    """Refuse, before any data is decoded, a sweep too short to read, an empty range, or Muon."""
     if num_training < MIN_STEPS:
         raise CifarkitError(f"a {num_training}-step LR range test is too short to read (at least "
                             f"{MIN_STEPS} steps; the presets use 200): raise lr_find num_training "
                             "(cifarkit lr-find --num-training), or give --lr a number")
     if not 0 < min_lr < max_lr:
         raise CifarkitError(f"the LR range test needs 0 < min_lr < max_lr, got {min_lr} and {max_lr}")
+    check_sweepable(muon_lr)
 
 
 def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None, trainer_kwargs: dict,
@@ -235,12 +251,12 @@ def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None,
     module with Muon (MUON_REFUSAL); LRFindRefused (a CifarkitError carrying the recorded curve) for
     a curve too flat or too noisy to read, or a loss that never falls before it diverges.
     """
-    _check_sweep(min_lr, max_lr, num_training)
+    import lightning as L
     hp = getattr(module, "hparams", {})
-    check_sweepable(hp.get("muon_lr", 0.0))
+    check_settings(min_lr, max_lr, num_training, hp.get("muon_lr", 0.0))
     beta = default_beta(num_training, min_lr, max_lr) if beta is None else beta
     lrs = [min_lr * (max_lr / min_lr) ** (k / (num_training - 1)) for k in range(num_training)]
-    sweep = _Sweep(lrs, beta)
+    sweep = _sweep_callback(lrs, beta)
     devices = trainer_kwargs.get("devices", "auto")
     one = [devices[0]] if isinstance(devices, (list, tuple)) else 1
     trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
