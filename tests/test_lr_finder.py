@@ -194,6 +194,7 @@ def test_flat_noisy_sweep_is_refused_in_one_line(tmp_path):
         sweep(tmp_path, Flat(), min_lr=1e-4, max_lr=10.0, num_training=100)
     assert "\n" not in str(e.value) and "--lr" in str(e.value) and isinstance(e.value, CifarkitError)
     assert len(e.value.curve["raw_loss"]) == 100 and "suggestion" not in e.value.curve  # to draw, not to use
+    assert "no suggestion" in plot_lr_find(e.value.curve).axes[0].get_title()
 
 
 def test_sweep_starting_past_divergence_is_refused(tmp_path):
@@ -271,8 +272,9 @@ def test_an_older_record_still_reads_and_draws(tmp_path):
 def test_reading_and_drawing_a_record_touch_neither_pyplot_nor_lightning(tmp_path):
     (tmp_path / "lr_find.json").write_text(json.dumps(dict(lr=[1e-3, 1e-2, 1e-1], raw_loss=[2.3, 2.1, 2.4],
                                                            smooth_loss=[2.3, 2.2, 2.3], suggestion=1e-2)))
+    record, png = str(tmp_path / "lr_find.json"), str(tmp_path / "x.png")
     code = ("import sys; from cifarkit.lr_finder import load_lr_find, plot_lr_find; "
-            f"plot_lr_find(load_lr_find({str(tmp_path / 'lr_find.json')!r})).savefig({str(tmp_path / 'x.png')!r}); "
+            f"plot_lr_find(load_lr_find({record!r})).savefig({png!r}); "
             "print(sorted(m for m in ('lightning', 'matplotlib.pyplot') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]

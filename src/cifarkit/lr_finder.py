@@ -247,9 +247,10 @@ def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None,
     them), so the suggestion is the value of the attribute that sets that group's rate. The
     module's schedulers do not step during the sweep, and a momentum a cycling schedule set at its
     start (OneCycleLR: 0.95) goes back to the one the optimizer was built with (the seed's 0.9).
-    Its weights, buffers and metric states come back as they were. Raises CifarkitError (one line) for a sweep too short (before it runs) and a
-    module with Muon (MUON_REFUSAL); LRFindRefused (a CifarkitError carrying the recorded curve) for
-    a curve too flat or too noisy to read, or a loss that never falls before it diverges.
+    Its weights, buffers and metric states come back as they were. Raises CifarkitError (one
+    line) for a sweep too short (before it runs) and a module with Muon (MUON_REFUSAL);
+    LRFindRefused (a CifarkitError carrying the recorded curve) for a curve too flat or too noisy
+    to read, or a loss that never falls before it diverges.
     """
     import lightning as L
     hp = getattr(module, "hparams", {})
@@ -301,7 +302,8 @@ def _jsonable(v):
 
 
 def save_lr_find(run_dir: Path, result: LRFind | dict) -> None:
-    """RUN/lr_find.json (the curve, the suggestion and its reason) and RUN/lr_find.png."""
+    """RUN/lr_find.json (the curve, the suggestion and its reason) and RUN/lr_find.png. Only for a
+    curve with a suggestion: a resumed run takes its peak rate from that file."""
     curve = result.curve if isinstance(result, LRFind) else result
     run_dir = Path(run_dir)
     (run_dir / "lr_find.json").write_text(json.dumps({k: _jsonable(v) for k, v in curve.items()}))
@@ -330,12 +332,13 @@ def load_lr_find(path: Path) -> dict:
 
 def plot_lr_find(curve: dict) -> Figure:
     """Raw losses faint, the smoothed loss over them, the suggestion and the minimum marked, on a
-    log-lr axis. Built without pyplot: drawing it never touches matplotlib's global state."""
-    finite = lambda v: np.where(np.isfinite(v), v, np.nan)  # noqa: E731  (inf and nan: not drawn, saved as null)
+    log-lr axis; a refused curve (LRFindRefused.curve) draws without a suggestion. Built without
+    pyplot: drawing it never touches matplotlib's global state."""
+    finite = lambda v: np.where(np.isfinite(v), v, np.nan)  # noqa: E731  (inf, nan: not drawn; saved as null)
     lr = np.asarray(curve["lr"], float)
     s = finite(np.asarray(curve["smooth_loss"], float))
     raw = finite(np.asarray(curve.get("raw_loss") or [], float))
-    sug = float(curve["suggestion"])
+    sug = curve.get("suggestion")
     fig = Figure(figsize=(7, 3.8))
     ax = fig.subplots()
     if len(raw):
@@ -345,8 +348,9 @@ def plot_lr_find(curve: dict) -> Figure:
     if np.isfinite(s).any():
         m = int(np.nanargmin(s))
         ax.plot([lr[m]], [s[m]], "o", color="C2", label=f"minimum {s[m]:.3g} at lr {lr[m]:.3g}")
-        k = int(np.argmin(np.abs(np.log(lr) - math.log(sug)))) if sug > 0 and len(lr) else m
-        ax.plot([sug], [s[k]], "o", color="C3", ms=8, label=f"suggestion {sug:.3g}")
+        if sug:
+            k = int(np.argmin(np.abs(np.log(lr) - math.log(sug))))
+            ax.plot([sug], [s[k]], "o", color="C3", ms=8, label=f"suggestion {sug:.3g}")
         start, low = s[0], s[m]
         if low > 0 and start / low > 10:  # a fall over decades (a bowl): the rule's relative view
             ax.set_yscale("log")
@@ -357,7 +361,8 @@ def plot_lr_find(curve: dict) -> Figure:
     if curve.get("diverged_at"):
         ax.axvline(curve["diverged_at"], color="0.5", ls=":", label=f"diverged at lr {curve['diverged_at']:.3g}")
     ax.set_xscale("log")
-    ax.set(title=f"LR range test: suggestion {sug:.3g}", xlabel="learning rate (log)", ylabel="training loss")
+    title = f"suggestion {sug:.3g}" if sug else "no suggestion (the curve cannot be read)"
+    ax.set(title=f"LR range test: {title}", xlabel="learning rate (log)", ylabel="training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
