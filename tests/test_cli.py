@@ -128,7 +128,7 @@ def test_a_short_fast_run_keeps_half_its_epochs_at_full_size(capsys):
 
 @pytest.mark.parametrize("flags, says", [
     (["--muon-lr", "-1"], "--muon-lr must be >= 0"),
-    (["--lr", "auto"], "--lr auto sweeps one rate"),
+    (["--lr", "auto"], "the LR range test sweeps one rate, but Muon"),
     (["--preset", "seed", "--muon-lr", "0.05", "--lr", "0.1"], "Muon keeps a fixed momentum"),
 ])
 def test_muon_settings_that_cannot_work_are_refused_in_one_line(capsys, flags, says):

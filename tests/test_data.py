@@ -6,12 +6,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
 from cifarkit import CifarkitError
 from cifarkit.cli import main
-from cifarkit.data import CIFARDataModule, balanced_subset, split_train_val
+from cifarkit.data import CIFARDataModule, balanced_subset, epoch_order, split_train_val
 from cifarkit.sources import cache_dir, load_arrays
 from conftest import CLASSES, make_image_folder
 
@@ -121,13 +122,21 @@ def test_subset_is_class_balanced_and_too_large_is_an_error():
         balanced_subset(np.arange(1000), labels, 2000, 10)
 
 
-def test_datamodule_yields_uint8_batches_and_device_side_augmentation(image_folder):
+def test_datamodule_yields_step_numbers_and_draws_uint8_batches_from_the_device_copy(image_folder):
     dm = CIFARDataModule(str(image_folder), batch_size=8, val_size=8, augment={"pad": 2}).prepare()
-    x, y, idx = next(iter(dm.train_dataloader()))
-    assert x.dtype.is_floating_point is False and x.shape == (8, 32, 32, 3) and len(y) == 8
+    steps = list(dm.train_dataloader())
+    assert steps == [0, 1, 2, 3, 4]                     # 40 training images, batches of 8: no images
+    x, y, idx = dm._device_batch(1, epoch=0)
+    assert x.dtype == torch.uint8 and x.shape == (8, 32, 32, 3) and len(y) == 8
+    order = epoch_order(40, 0, 0)                        # the epoch's shuffle, a function of (seed, epoch)
+    assert torch.equal(idx, order[8:16])
+    assert torch.equal(x, torch.from_numpy(dm.arrays.train_x[dm.train_idx])[order[8:16]])
+    assert dm.device_set(torch.device("cpu"))[0].data_ptr() == dm.device_set(torch.device("cpu"))[0].data_ptr()
     out = dm.augment(x, idx)
     assert out.shape == (8, 3, 32, 32)
     assert len(dm.val_idx) == 8 and len(dm.train_idx) == 40
+    dm.drop_last, dm.batch_size = True, 16
+    assert list(dm.train_dataloader()) == [0, 1]         # 40 // 16: the smaller last batch dropped
 
 
 def _cache_file(source: Path) -> Path:

@@ -116,9 +116,8 @@ class Augment:
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         """A training batch: uint8 (B, H, W, 3) + sample indices -> normalized float (B, 3, S, S)."""
         if self.pipeline == "batched":
-            flip = self.flips_for(idx.to(x.device), epoch)
-            if self.pad or flip.any():
-                x = self.crop_flip(x, flip)
+            if self.pad or self.flip != "none":  # a setting, not the data: no step waits on the device
+                x = self.crop_flip(x, self.flips_for(idx.to(x.device), epoch))
             if self.cutout[1] > 0 and self.cutout_p > 0:
                 x = self.cut(x)
         x = self.normalize(x)

@@ -94,12 +94,17 @@ class LastCheckpoint(Checkpoint):
 
 
 class RunGuard(Callback):
-    def __init__(self, run: RunDir, model: str, classes: list[str]):
-        self.run, self.model, self.classes = run, model, list(classes)
+    """check_every: steps between reads of the device (the divergence check, and Ctrl-C under DDP).
+    In between nothing waits on the host: a non-finite loss is recorded on the device as it
+    happens (its step and value), and every checkpoint is checked before it is written."""
+
+    def __init__(self, run: RunDir, model: str, classes: list[str], check_every: int = 1):
+        self.run, self.model, self.classes, self.check_every = run, model, list(classes), max(1, check_every)
         self.stop_requested = False
         self.saved_at: tuple[int, int] | None = None  # (step, epoch) of the checkpoint a Ctrl-C saved
         self.last_saved_step: int | None = None
         self.stop_at_step: int | None = None  # the run's last step when it ends mid-epoch
+        self._bad: torch.Tensor | None = None  # (step, loss) of the first non-finite loss; step -1: none
 
     # -- what every checkpoint carries besides Lightning's state ----------------------------------
 
@@ -109,10 +114,16 @@ class RunGuard(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        saved, here = list(state.get("cuda_rng") or []), torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for i, rng in enumerate(saved[:here]):
+            torch.cuda.set_rng_state(rng, i)
+        if len(saved) != here and (saved or here):
+            print(f"notice: the checkpoint holds the random state of {len(saved)} GPU(s) and this machine has "
+                  f"{here}: {min(len(saved), here)} restored, so GPU-side randomness is not bit-exact from here",
+                  file=sys.stderr)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self._check(trainer, pl_module)  # never write broken weights
         checkpoint["cifarkit"] = {"model": self.model, "classes": self.classes}
         self.last_saved_step = checkpoint["global_step"]
 
@@ -150,18 +161,17 @@ class RunGuard(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._stop_at_the_end(trainer)
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        # the loss was computed before this step's update; the weights after it go into checkpoints
-        weights = torch.stack([p.detach().norm() for p in pl_module.parameters()]).sum()
-        flags = torch.tensor([float(self.stop_requested), float(not torch.isfinite(loss).all()),
-                              float(not torch.isfinite(weights))], device=loss.device)
-        if trainer.world_size > 1:  # every rank takes the same decision, or the others would hang
-            flags = trainer.strategy.reduce(flags, reduce_op="sum")
-        stop, bad_loss, bad_weights = (flags > 0).tolist()
-        if bad_loss or bad_weights:
-            what = loss if bad_loss else weights
-            raise CifarkitError(self._divergence_message(trainer, "loss" if bad_loss else "weights", what, pl_module))
-        if stop and not (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.should_stop):
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach().float()
+        step = trainer.global_step  # optimizer steps done, this one included
+        if self._bad is None:
+            self._bad = torch.tensor([-1.0, 0.0], device=loss.device)
+        first = ~torch.isfinite(loss) & (self._bad[0] < 0)  # device ops: nothing waits here
+        self._bad = torch.where(first, torch.stack([torch.full_like(loss, step), loss]), self._bad)
+        ends_epoch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or trainer.should_stop
+        ctrl_c_now = self.stop_requested and trainer.world_size == 1  # one process: no agreement needed
+        if step % self.check_every and not ctrl_c_now:
+            return
+        if self._check(trainer, pl_module) and not ends_epoch:
             trainer.save_checkpoint(self.run.last_ckpt, weights_only=False)
             self.saved_at = (trainer.global_step, trainer.current_epoch)
 
@@ -170,15 +180,38 @@ class RunGuard(Callback):
             step, epoch = self.saved_at
             raise RunInterrupted(self.run.path, f"stopped at step {step} (epoch {epoch}) with a checkpoint")
 
-    def _divergence_message(self, trainer, name: str, value: torch.Tensor, pl_module) -> str:
-        what = "nan" if torch.isnan(value).any() else "inf"
+    def _check(self, trainer, pl_module) -> bool:
+        """One read of the device: raise on a non-finite loss or weights; True if Ctrl-C asks to stop
+        (every rank takes the same decision, or the others would hang)."""
+        params = [p.detach() for p in pl_module.parameters()]
+        weights = torch.stack([p.norm() for p in params]).sum()
+        bad = self._bad if self._bad is not None else torch.tensor([-1.0, 0.0], device=weights.device)
+        flags = torch.stack([torch.tensor(float(self.stop_requested), device=weights.device),
+                             (bad[0] >= 0).float(), (~torch.isfinite(weights)).float()])
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        stop, bad_loss, bad_weights, bad_step, bad_value, weight_value = \
+            torch.cat([flags, bad.to(flags.device), weights[None].to(flags.device)]).tolist()
+        if bad_loss and bad_step >= 0:
+            raise CifarkitError(self._divergence_message(f"loss became {_kind(bad_value)} at step {int(bad_step)}",
+                                                         trainer, pl_module))
+        if bad_loss or bad_weights:  # another rank's loss, or the weights
+            what = "the loss of another rank" if bad_loss else f"weights became {_kind(weight_value)}"
+            raise CifarkitError(self._divergence_message(f"{what} by step {trainer.global_step}", trainer, pl_module))
+        return bool(stop)
+
+    def _divergence_message(self, what: str, trainer, pl_module) -> str:
         last = self.run.last_ckpt
         kept = "no checkpoint was saved yet"
         if last.is_file():
             at = f" (step {self.last_saved_step})" if self.last_saved_step is not None else ""
             kept = f"the last good checkpoint {last}{at} is kept"
-        return (f"{name} became {what} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
-                f"training stopped and {kept}; lower --lr (this run: {pl_module.lr:.3g}) or check the data")
+        return (f"{what} (epoch {trainer.current_epoch}); training stopped and {kept}; "
+                f"lower --lr (this run: {pl_module.lr:.3g}) or check the data")
+
+
+def _kind(value: float) -> str:
+    return "nan" if value != value else "inf"
 
 
 # ---------------------------------------------------------------------------------------------

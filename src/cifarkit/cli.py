@@ -55,8 +55,10 @@ def config_from_args(args, cls=None):
         cfg = cls.from_yaml(args.config)
         if args.preset:
             cfg.preset = args.preset
+    elif cls is TrainConfig:
+        cfg = preset_config(args.preset or "fast", device=_device_kind(overrides.get("accelerator", "auto")))
     else:
-        cfg = preset_config(args.preset or "fast") if cls is TrainConfig else cls()
+        cfg = cls()
     base_model = cfg.model
     for name, value in overrides.items():
         setattr(cfg, name, {**getattr(cfg, name), **value} if isinstance(value, dict) else value)
@@ -74,6 +76,12 @@ def config_from_args(args, cls=None):
     if args.config and args.out is None:
         cfg.out = None  # a replay writes a new run, never over the original
     return cfg
+
+
+def _device_kind(accelerator: str) -> str:
+    """'cuda' when the run will train on a CUDA GPU: the presets' GPU settings apply (presets.ON_CUDA)."""
+    import torch
+    return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -145,18 +153,20 @@ def cmd_test(args):
 def cmd_lr_find(args):
     from datetime import datetime
 
-    from .lr_finder import find_lr, save_lr_find
+    from .lr_finder import check_settings, find_lr, save_lr_find
     from .rundir import RunDir
     from .train import build_datamodule, build_module, trainer_kwargs
     cfg = config_from_args(args)
     cfg.out = cfg.out or f"runs/lr-find-{datetime.now():%Y%m%d-%H%M%S}"
     if args.num_training:
         cfg.lr_find = {**cfg.lr_find, "num_training": args.num_training}
+    check_settings(**cfg.lr_find, muon_lr=cfg.muon_lr)  # before any data is decoded
     out = RunDir.create(cfg)
     dm = build_datamodule(cfg)
-    lr, curve, fig = find_lr(build_module(cfg, dm), dm, trainer_kwargs(cfg), **cfg.lr_find)
-    save_lr_find(out.path, curve, fig)
-    print(f"suggested lr: {lr:.4g}")
+    result = find_lr(build_module(cfg, dm), dm, trainer_kwargs(cfg), **cfg.lr_find)
+    save_lr_find(out.path, result)
+    print(result.summary())
+    print(f"suggested lr: {result.suggestion:.4g} ({result.reason})")
     print(f"curve: {out.lr_find_png}")
 
 
@@ -300,7 +310,8 @@ def _rank() -> str:
 
 # Warnings that say nothing to a user of the command line (the library itself changes no filter).
 QUIET = (".*does not have many workers.*", ".*hparams.*", ".*dataloader is not resumable.*",
-         ".*Total length of `list` across ranks is zero.*")
+         ".*Total length of `list` across ranks is zero.*",
+         ".*`IterableDataset` has `__len__` defined.*")  # data.EpochSteps: its length is exact
 
 
 def main(argv: list[str] | None = None) -> int:

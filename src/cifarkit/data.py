@@ -1,7 +1,11 @@
-"""The held-out split, uint8 batches, the resumable epoch order and the Lightning DataModule.
+"""The held-out split, the resumable epoch order and the Lightning DataModule.
 
-Data flows one way: a source -> a cached uint8 array (`sources.py`) -> uint8 batches -> the training
-device, where `augment.py` turns them into normalized float batches.
+Data flows one way: a source -> a cached uint8 array (`sources.py`) -> the training device. With the
+batched augmentation (every preset), the whole uint8 training set is copied to the training device
+once (150 MB for CIFAR-10, as airbench does on a GPU); the DataLoader yields only step numbers, and
+each batch is indexed from the device-resident copy and augmented there (`augment.py`), so no
+image crosses from the host during training. The per-sample Albumentations pipeline keeps a
+classic DataLoader of uint8 batches.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from .augment import Augment
 from .errors import CifarkitError
@@ -94,22 +98,48 @@ class EpochShuffle(RandomSampler):
             self.epoch, self.start = epoch, 0
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.data_source), generator=g)[self.start:]
+        order = epoch_order(len(self.data_source), self.seed, self.epoch)[self.start:]
         self.start = 0  # the next pass over this epoch (or the next epoch) is whole
         yield from order.tolist()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of one epoch: a function of (seed, epoch) alone, never of the global RNG."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+class EpochSteps(IterableDataset):
+    """The step numbers of an epoch, 0..steps-1 (from `start` on the first pass after a resume).
+
+    An iterable dataset: Lightning gives it no DistributedSampler (each rank draws its own share
+    of the epoch's order on its device), and a batch of it is a plain int that nothing copies."""
+
+    def __init__(self, steps: int, start: int = 0):
+        self.steps, self.start = steps, start
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        yield from range(start, self.steps)
 
 
 class CIFARDataModule(L.LightningDataModule):
     def __init__(self, data: str | None = None, dataset: str = "cifar10", batch_size: int = 512,
                  val_size: int = 5000, subset: int | None = None, seed: int = 0,
-                 augment: dict | None = None, eval_batch_size: int = 1000, num_workers: int = 0):
+                 augment: dict | None = None, eval_batch_size: int = 1000, num_workers: int = 0,
+                 drop_last: bool = False):
         super().__init__()
         self.data, self.dataset, self.batch_size = data, dataset, batch_size
         self.val_size, self.subset, self.seed = val_size, subset, seed
         self.augment_cfg, self.eval_batch_size, self.num_workers = augment or {}, eval_batch_size, num_workers
+        self.drop_last = drop_last  # a fixed batch shape (GPU: cudnn.benchmark and torch.compile plan once)
         self.arrays: Arrays | None = None
         self._position = self._resume_at = (0, 0)  # (epoch, training batches done in it)
+        self._device_set: tuple[torch.Tensor, torch.Tensor] | None = None  # uint8 (N, 32, 32, 3), (N,)
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, this rank's sample order)
+        self.steps_per_epoch = 0
 
     def prepare(self) -> "CIFARDataModule":
         """Load (cached) arrays and make the splits; safe to call more than once."""
@@ -128,23 +158,63 @@ class CIFARDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None):
         self.prepare()
 
-    def _loader(self, x, y, batch_size, transform=None, sampler=None):
+    def _loader(self, x, y, batch_size, transform=None, sampler=None, drop_last=False):
         ds = UInt8Batches(torch.from_numpy(x), torch.from_numpy(y), transform)
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         # its own generator: starting an iterator must not draw on the global RNG (augmentation does)
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=False,
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           collate_fn=as_batch, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0,
+                          persistent_workers=self.num_workers > 0, pin_memory=on_gpu,
                           generator=torch.Generator().manual_seed(self.seed))
 
+    def _rank(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
     def train_dataloader(self):
-        a = self.arrays
-        ds_x, ds_y = a.train_x[self.train_idx], a.train_y[self.train_idx]
         epoch, batches = self._position = self._resume_at  # each fit counts from where it starts
         self._resume_at = (0, 0)
-        sampler = EpochShuffle(range(len(ds_y)), self.seed, epoch, batches * self.batch_size)
         if RECORD_BATCHES in os.environ:
             self._record_file().unlink(missing_ok=True)  # a new fit (the LR range test is one)
-        return self._loader(ds_x, ds_y, self.batch_size, self.augment.per_sample(), sampler)
+        self.steps_per_epoch = self.steps_for(self._rank()[1])
+        if self.augment.pipeline == "batched":
+            self._order = None
+            return DataLoader(EpochSteps(self.steps_per_epoch, batches), batch_size=None,
+                              generator=torch.Generator().manual_seed(self.seed))  # not the global RNG
+        a = self.arrays
+        ds_x, ds_y = a.train_x[self.train_idx], a.train_y[self.train_idx]
+        sampler = EpochShuffle(range(len(ds_y)), self.seed, epoch, batches * self.batch_size)
+        return self._loader(ds_x, ds_y, self.batch_size, self.augment.per_sample(), sampler, self.drop_last)
+
+    def steps_for(self, world: int = 1) -> int:
+        """Optimizer steps per epoch for each of `world` processes."""
+        per_rank = math.ceil(len(self.train_idx) / world)  # DistributedSampler's share, padded
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def device_set(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 training split (N, 32, 32, 3) and its labels, on `device` (copied once)."""
+        if self._device_set is None or self._device_set[0].device != device:
+            a = self.arrays
+            self._device_set = (torch.from_numpy(a.train_x[self.train_idx]).to(device),
+                                torch.from_numpy(a.train_y[self.train_idx]).to(device))
+        return self._device_set
+
+    def _epoch_share(self, epoch: int, device: torch.device) -> torch.Tensor:
+        """This rank's sample order for the epoch, on the device (one copy per epoch)."""
+        if self._order is None or self._order[0] != epoch:
+            order = epoch_order(len(self.train_idx), self.seed, epoch)
+            rank, world = self._rank()
+            if world > 1:  # as DistributedSampler: pad to a multiple of the ranks, then deal out
+                total = math.ceil(len(order) / world) * world
+                order = torch.cat([order, order[: total - len(order)]])[rank::world]
+            self._order = (epoch, order.to(device))
+        return self._order[1]
+
+    def _device_batch(self, step: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        x_all, y_all = self.device_set(device)
+        idx = self._epoch_share(epoch, device)[step * self.batch_size:(step + 1) * self.batch_size]  # (B,)
+        return x_all[idx], y_all[idx], idx
 
     def val_dataloader(self):
         a = self.arrays
@@ -157,9 +227,11 @@ class CIFARDataModule(L.LightningDataModule):
         return self._loader(a.test_x, a.test_y, self.eval_batch_size)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, y, idx = batch
         training = self.trainer is not None and self.trainer.training
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if isinstance(batch, int):  # a step number: the batch is drawn on the device
+            batch = self._device_batch(batch, epoch)
+        x, y, idx = batch
         if not training:
             return self.augment.normalize(x), y
         done_epoch, done = self._position
@@ -172,7 +244,7 @@ class CIFARDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         epoch, batches = self._position
-        if batches >= math.ceil(len(self.train_idx) / self.batch_size):
+        if batches >= self.steps_per_epoch:
             epoch, batches = epoch + 1, 0  # an epoch-end checkpoint: the next epoch starts whole
         return {"epoch": epoch, "batches": batches}
 
@@ -191,6 +263,8 @@ class CIFARDataModule(L.LightningDataModule):
             f.write(f"{epoch} " + " ".join(map(str, idx.tolist())) + "\n")
 
     def sample_images(self, n: int = 5000) -> torch.Tensor:
-        """The first n training images, normalized (N, 3, 32, 32): for data-dependent inits."""
-        x = torch.from_numpy(self.arrays.train_x[self.train_idx[:n]])
+        """n training images drawn at random (seeded), normalized (N, 3, 32, 32): for data-dependent
+        inits. At random, not the first n: an ImageFolder source is sorted by class."""
+        pick = np.random.default_rng(self.seed).permutation(len(self.train_idx))[:n]
+        x = torch.from_numpy(self.arrays.train_x[self.train_idx[np.sort(pick)]])
         return self.augment.normalize(x)

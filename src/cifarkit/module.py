@@ -52,6 +52,16 @@ def _views(net: nn.Module, x: torch.Tensor, level: int, plain: torch.Tensor) -> 
     return out
 
 
+class OneCycle(torch.optim.lr_scheduler.OneCycleLR):
+    """torch's two-phase one-cycle, whose length a time budget may re-plan while it runs."""
+
+    def retarget(self, total_steps: int) -> None:
+        warmup = (self._schedule_phases[0]["end_step"] + 1) / self.total_steps  # pct_start
+        self.total_steps = total_steps
+        self._schedule_phases[0]["end_step"] = float(warmup * total_steps) - 1
+        self._schedule_phases[1]["end_step"] = total_steps - 1
+
+
 class LitClassifier(L.LightningModule):
     def __init__(self, net: nn.Module, num_classes: int, cfg: TrainConfig):
         super().__init__()
@@ -64,32 +74,44 @@ class LitClassifier(L.LightningModule):
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3))
         # epoch means of training metrics live in checkpoints: a mid-epoch resume keeps the whole epoch
-        self.train_loss = MeanMetric()
+        self.train_loss = MeanMetric(nan_strategy="disable")  # its NaN check would read the device
         for m in (self.train_loss, self.train_acc):
             m.persistent(True)
         self._ema: dict[str, torch.Tensor] | None = None
         self._batch = 1024  # examples in the latest training batch
+        self._lrs: list[tuple[int, float]] = []  # (step, lr) not yet handed to the loggers
+        # static shapes; kept out of the module's children so checkpoints hold the plain net
+        object.__setattr__(self, "_net", torch.compile(net, dynamic=False) if cfg.compile else net)
 
     def forward(self, x):
         return self.net(x)
 
-    # -- steps ---------------------------------------------------------------------------------
+    # -- steps: nothing here reads a value back from the device -----------------------------------
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         self._batch = len(y) * self.trainer.world_size  # examples per optimizer step
-        logits = self.net(x)
+        logits = self._net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
-        self.train_acc(logits, y)
-        self.train_loss(loss.detach().float(), weight=len(y))
+        self.train_acc.update(logits, y)
+        self.train_loss.update(loss.detach().float(), weight=len(y))
         self.log("train_loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self._lrs.append((self.global_step, self.optimizers().param_groups[0]["lr"]))  # a Python float
         return loss
+
+    def _flush_lrs(self) -> None:
+        """The per-step learning rates, to the loggers at epoch ends and checkpoints (logging them
+        through self.log every step would make a device tensor of each)."""
+        for logger in self.loggers:
+            for step, lr in self._lrs:
+                logger.log_metrics({"lr": lr}, step=step)
+            logger.save()
+        self._lrs.clear()
 
     def _eval_step(self, batch, stage: str, metric, tta: int):
         x, y = batch
-        logits = tta_logits(self.net, x, tta, self.cfg.tta_threshold)
+        logits = tta_logits(self._net, x, tta, self.cfg.tta_threshold)
         metric(logits, y)
         self.log(f"{stage}_loss", F.cross_entropy(logits.float(), y), on_epoch=True, sync_dist=True)
         self.log(f"{stage}_acc", metric, on_epoch=True, prog_bar=True)
@@ -133,7 +155,7 @@ class LitClassifier(L.LightningModule):
         self.lr = float(self.trainer.strategy.broadcast(self.lr, src=0))  # every rank takes rank 0's
         groups = self._param_groups()
         opt = self._optimizer(groups)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
+        sched = OneCycle(
             opt, max_lr=[g["lr"] for g in groups], total_steps=self.total_steps(),
             pct_start=hp.pct_start, anneal_strategy="cos" if hp.schedule == "cosine" else "linear",
             div_factor=hp.div_factor, final_div_factor=hp.final_div_factor,
@@ -158,6 +180,7 @@ class LitClassifier(L.LightningModule):
             self.net.stem_bias_trains = self._stem_bias_trains() or self.trainer.world_size > 1
 
     def on_train_epoch_end(self):
+        self._flush_lrs()
         # wall-clock seconds of the epoch, its validation included (a resumed epoch counts from the
         # resume); the one column in which two runs of one seed differ
         self.log("epoch_seconds", time.perf_counter() - self._epoch_start, on_epoch=True, sync_dist=True)
@@ -196,6 +219,7 @@ class LitClassifier(L.LightningModule):
                 w.copy_(self._ema[k])
 
     def on_save_checkpoint(self, checkpoint):
+        self._flush_lrs()  # metrics.csv holds every step the checkpoint holds
         if self._ema is not None:
             checkpoint["lookahead"] = self._ema
 

@@ -46,20 +46,6 @@ def lr_schedule(steps: list[int], lrs: list[float]) -> Figure:
     return fig
 
 
-def lr_range_test(curve: dict) -> Figure:
-    fig, ax = _figure(figsize=(7, 3.8))
-    ax.plot(curve["lr"], curve["loss"])
-    ax.set_xscale("log")
-    s = curve.get("suggestion")
-    if s:
-        ax.axvline(s, color="C3", ls="--", label=f"suggestion {s:.3g}")
-        ax.legend()
-    ax.set(title="LR range test", xlabel="learning rate (log)", ylabel="loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
 def confusion_matrix(conf: np.ndarray, classes: list[str]) -> Figure:
     """Row-normalized confusion matrix with class names, and per-class accuracy beside it."""
     norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)

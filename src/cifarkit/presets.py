@@ -97,6 +97,15 @@ class TrainConfig:
     lr_find: dict = setting(help="LR range test: min_lr, max_lr, num_training", flag=False,
                             factory=lambda: {"min_lr": 1e-5, "max_lr": 10.0, "num_training": 200})
     eval_batch_size: int = setting(1000, "batch size of validation and test")
+    drop_last: bool = setting(False, "drop each epoch's last, smaller training batch (fixed shapes: "
+                                     "cudnn.benchmark and torch.compile plan once)")
+    compile: bool = setting(False, "torch.compile the net with static shapes (pays off on a GPU)")
+    channels_last: bool = setting(True, "channels-last memory layout for the net and its inputs")
+    check_every_steps: int = setting(1, "optimizer steps between reads of the device: the divergence "
+                                        "check (and Ctrl-C under DDP); nothing waits on the host between")
+    time_budget: str | None = setting(None, "finish training and testing within this time (90s, 10m, 1h30m): "
+                                            "the number of epochs is planned from the measured speed")
+    plan: dict = setting(help="what the time budget planned (written by training)", factory=dict, flag=False)
     # -- machine and outputs
     seed: int = setting(0, "random seed")
     out: str | None = setting(None, "run directory (default runs/<preset>-<time>)")
@@ -194,6 +203,17 @@ FAST = dict(
     eval_batch_size=250,
 )
 
+# What changes on a CUDA GPU, per preset, in one place: batches large enough to keep a GPU busy
+# (the same learning rate per example), every test image viewing every test-time view (a fixed
+# batch shape, which cudnn.benchmark and torch.compile plan once), torch.compile, and the device
+# read every 50 steps instead of every step. Not yet measured on a GPU: see BENCHMARKS.md.
+ON_CUDA: dict[str, dict] = {
+    "fast": dict(batch_size=1024, lr=1.5, muon_lr=0.16, eval_batch_size=2000, tta_threshold=1.0,
+                 drop_last=True, compile=True, check_every_steps=50),
+    "seed": dict(eval_batch_size=1000, drop_last=True, check_every_steps=50),
+}
+ON_CUDA["quick"] = ON_CUDA["fast"]
+
 PRESETS: dict[str, dict] = {
     # The seed project's recipe, unchanged: ResNet-18-GN, pad 4 with the mean colour + crop + 1-2
     # cutout holes of 8-16 px (p 0.8), SGD 0.9 / 5e-4, OneCycle (cosine) from an LR range test.
@@ -214,10 +234,11 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-def preset_config(name: str, **overrides) -> TrainConfig:
+def preset_config(name: str, device: str = "cpu", **overrides) -> TrainConfig:
+    """The preset's config for a device kind ('cpu' or 'cuda'), with `overrides` (None: not given)."""
     if name not in PRESETS:
         raise CifarkitError(f"unknown preset '{name}'; choose one of: {', '.join(list_presets())}")
-    values = dict(PRESETS[name], preset=name)
+    values = dict(PRESETS[name], preset=name, **(ON_CUDA.get(name, {}) if device == "cuda" else {}))
     given = {k: v for k, v in overrides.items() if v is not None}
     if given.get("model", values.get("model")) != values.get("model") and "model_kwargs" not in given:
         values.pop("model_kwargs", None)  # the preset's model settings belong to the preset's model

@@ -6,7 +6,6 @@ without weights still gets its curves, and the page says what is missing and why
 from __future__ import annotations
 
 import html
-import json
 import sys
 import time
 from pathlib import Path
@@ -58,11 +57,12 @@ def _curves(r: Report) -> None:
 
 
 def _lr_find(r: Report) -> None:
+    from .lr_finder import load_lr_find, plot_lr_find
     if r.run.lr_find_json.is_file():
-        curve = json.loads(r.run.lr_find_json.read_text())
-        r.add(plots.lr_range_test(curve), "lr_find.png", "LR range test",
-              f"Loss while the learning rate grows exponentially; the suggestion {curve['suggestion']:.3g} "
-              "(steepest descent) was the schedule's peak.")
+        curve = load_lr_find(r.run.lr_find_json)
+        r.add(plot_lr_find(curve), "lr_find.png", "LR range test",
+              f"Loss while the learning rate grows exponentially (raw per step, faint; smoothed, solid); "
+              f"the suggestion {curve['suggestion']:.3g} was the schedule's peak: {curve['reason']}.")
 
 
 def _predictions(r: Report, n: int, method: str) -> None:

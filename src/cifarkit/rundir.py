@@ -55,6 +55,8 @@ class Results:
     precision: str | None = None
     world_size: int | None = None
     resumed_from_step: int | None = None
+    time_budget: float | None = None      # seconds asked for with --time-budget
+    plan: dict | None = None              # what the time budget planned (budget.Plan)
     cifarkit_version: str | None = None
     torch_version: str | None = None
     threads: int | None = None

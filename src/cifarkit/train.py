@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -16,11 +15,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from . import __version__
 from .augment import Augment
+from .budget import (Plan, budget_callback, measure_eval, measure_steps, parse_budget, plan_schedule,
+                     scale_recipe, views_per_image)
 from .checkpoints import (DISK_ERRNOS, AtomicCheckpointIO, LastCheckpoint, MetricsLogger, RunGuard,
                           check_checkpoint, disk_error, remove_partial_checkpoints)
 from .data import CIFARDataModule
 from .errors import CifarkitError
-from .lr_finder import find_lr, save_lr_find
+from .lr_finder import MUON_REFUSAL, check_settings, find_lr, load_lr_find, save_lr_find
 from .models import MODELS, build_model, list_models
 from .module import LitClassifier
 from .presets import TrainConfig, check_choices
@@ -38,26 +39,43 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """'auto' -> bf16 autocast where the hardware runs it fast, else fp32."""
+def on_cuda(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def choose_precision(precision: str, accelerator: str) -> tuple[str, str]:
+    """(Lightning precision, why). 'auto': bf16 autocast where the hardware runs bf16 natively (CUDA
+    capability 8.0 and newer, CPUs with AVX-512-BF16 or AMX), fp16 autocast with a gradient scaler on
+    capability 7.x (bf16 there is emulated and slow), fp32 otherwise."""
     if precision != "auto":
-        return precision
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if on_gpu:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+        return precision, "as asked"
+    if on_cuda(accelerator):
+        cap = torch.cuda.get_device_capability()
+        if cap >= (8, 0):
+            return "bf16-mixed", f"CUDA capability {cap[0]}.{cap[1]} runs bf16 natively"
+        if cap >= (7, 0):
+            return "16-mixed", f"CUDA capability {cap[0]}.{cap[1]}: fp16 with a gradient scaler (bf16 is emulated)"
+        return "32-true", f"CUDA capability {cap[0]}.{cap[1]} has no fast half precision"
+    if cpu_has_bf16():
+        return "bf16-mixed", "this CPU has bf16 instructions (AVX-512-BF16 or AMX)"
+    return "32-true", "this CPU has no bf16 instructions"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    return choose_precision(precision, accelerator)[0]
 
 
 def build_datamodule(cfg: TrainConfig) -> CIFARDataModule:
     return CIFARDataModule(cfg.data, cfg.dataset, cfg.batch_size, cfg.val_size, cfg.subset, cfg.seed,
-                           cfg.augment, cfg.eval_batch_size, cfg.num_workers).prepare()
+                           cfg.augment, cfg.eval_batch_size, cfg.num_workers, cfg.drop_last).prepare()
 
 
 def build_module(cfg: TrainConfig, dm: CIFARDataModule) -> LitClassifier:
     net = build_model(cfg.model, len(dm.classes), **cfg.model_kwargs)
     if hasattr(net, "init_from_data"):  # data-dependent init (the whitening stem)
         net.init_from_data(dm.sample_images(5000))
-    net = net.to(memory_format=torch.channels_last)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     return LitClassifier(net, len(dm.classes), cfg)
 
 
@@ -93,11 +111,17 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.ckpt_every_steps < 0 or cfg.num_nodes < 1:
         raise CifarkitError("--ckpt-every-steps must be >= 0 and --num-nodes >= 1")
     _check_tta_threshold(cfg.tta_threshold, "tta_threshold")
+    if cfg.time_budget:
+        parse_budget(cfg.time_budget)
+        if cfg.devices not in ("auto", 1, [0]) or cfg.num_nodes > 1 or cfg.strategy not in ("auto", "single_device"):
+            raise CifarkitError("--time-budget plans the schedule of one process; for several devices give "
+                                "--epochs (the plan of a one-device run, in its config.yaml, is a start)")
     if cfg.muon_lr < 0:
         raise CifarkitError(f"--muon-lr must be >= 0 (0 turns Muon off), got {cfg.muon_lr}")
     if cfg.muon_lr and cfg.lr == "auto":
-        raise CifarkitError("--lr auto sweeps one rate for every parameter, Muon's filters included; "
-                            "give --lr a number, or pass --muon-lr 0")
+        raise CifarkitError(MUON_REFUSAL)
+    if cfg.lr == "auto":
+        check_settings(**cfg.lr_find)
     if cfg.muon_lr and cfg.cycle_momentum:
         raise CifarkitError("Muon keeps a fixed momentum, but this recipe cycles momentum (cycle_momentum); "
                             "pass --muon-lr 0, or use the fast or quick preset")
@@ -172,12 +196,13 @@ def _peak_lr(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: 
     if follower:
         return math.nan  # configure_optimizers replaces it with rank 0's
     if run.lr_find_json.is_file():  # a resumed run keeps the rate it started with
-        return float(json.loads(run.lr_find_json.read_text())["suggestion"])
+        return load_lr_find(run.lr_find_json)["suggestion"]
     with _machine_errors():
-        lr, curve, fig = find_lr(module, dm, trainer_kwargs(cfg), **cfg.lr_find)
-    save_lr_find(run.path, curve, fig)
-    print(f"LR range test suggests peak lr {lr:.4g}")
-    return lr
+        result = find_lr(module, dm, trainer_kwargs(cfg), **cfg.lr_find)
+    save_lr_find(run.path, result)
+    print(result.summary())
+    print(f"LR range test suggests peak lr {result.suggestion:.4g}: {result.reason}")
+    return result.suggestion
 
 
 def _resume_point(run: RunDir, cfg: TrainConfig, dm: CIFARDataModule,
@@ -195,22 +220,46 @@ def _resume_point(run: RunDir, cfg: TrainConfig, dm: CIFARDataModule,
     return run.last_ckpt, step
 
 
+def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: RunDir, start: float,
+          resume: bool) -> Plan:
+    """--time-budget: measure this machine's speed and plan the schedule (a resumed run keeps its plan
+    and re-plans what is left when training starts)."""
+    if resume and cfg.plan:
+        fields = {f.name for f in dataclasses.fields(Plan)}
+        plan = Plan(**{k: v for k, v in cfg.plan.items() if k in fields})
+        plan.step_seconds = {int(k): v for k, v in plan.step_seconds.items()}
+        return plan
+    low_res = cfg.augment.get("low_res", 0) if cfg.augment.get("low_res_epochs") else 0
+    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    steps = measure_steps(module, dm, trainer_kwargs(cfg), [low_res, 32] if low_res else [32])
+    test = measure_eval(module, dm, len(dm.arrays.test_y), views_per_image(cfg.tta, cfg.tta_threshold), precision)
+    val = measure_eval(module, dm, len(dm.val_idx), 1, precision)
+    plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, dm.steps_for(1), test, val,
+                         cfg.batch_size, low_res, cfg.augment.get("low_res_epochs", 0) / cfg.epochs)
+    scale_recipe(cfg, plan, preset_epochs=cfg.epochs)
+    dm.augment.low_res_epochs = plan.low_res_epochs
+    run.write_config(cfg)
+    print(plan.describe(), file=sys.stderr)
+    return plan
+
+
 def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: RunDir,
-             resumed_step: int | None) -> tuple[L.Trainer, RunGuard]:
-    guard = RunGuard(run, cfg.model, dm.classes)
+             resumed_step: int | None, plan: Plan | None = None, start: float = 0.0) -> tuple[L.Trainer, RunGuard]:
+    guard = RunGuard(run, cfg.model, dm.classes, cfg.check_every_steps)
     callbacks = [guard, ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", save_top_k=1, mode="max",
                                         monitor="val_acc" if len(dm.val_idx) else None,
                                         enable_version_counter=False),
                  LastCheckpoint(run.last_ckpt, cfg.ckpt_every_steps)]
+    if plan is not None:
+        callbacks.append(budget_callback(plan, start, guard, module))
     # Epoch-bounded, never max_steps: Lightning resumes a step-bounded run from an epoch-end
     # checkpoint by replaying that epoch's end. A fractional last epoch stops via the guard.
     with _machine_errors():
         trainer = L.Trainer(**trainer_kwargs(cfg), max_epochs=math.ceil(cfg.epochs), callbacks=callbacks,
                             logger=_loggers(cfg, run, resumed_step), default_root_dir=str(run.path),
                             plugins=[AtomicCheckpointIO(run.path)])
-    if cfg.epochs != int(cfg.epochs):  # each rank sees 1/world_size of the data per epoch
-        per_rank = math.ceil(len(dm.train_idx) / trainer.world_size)
-        module.steps = guard.stop_at_step = math.ceil(cfg.epochs * math.ceil(per_rank / cfg.batch_size))
+    if cfg.epochs != int(cfg.epochs) or plan is not None:  # each rank sees 1/world_size of the data per epoch
+        module.steps = guard.stop_at_step = math.ceil(cfg.epochs * dm.steps_for(trainer.world_size))
     return trainer, guard
 
 
@@ -225,7 +274,8 @@ def _write_results(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier,
         train_images=len(dm.train_idx), val_images=len(dm.val_idx), test_images=len(dm.arrays.test_y),
         seed=cfg.seed, tta=cfg.tta, tta_threshold=cfg.tta_threshold,
         precision=trainer_kwargs(cfg)["precision"], world_size=trainer.world_size,
-        resumed_from_step=resumed_step, cifarkit_version=__version__, torch_version=torch.__version__,
+        resumed_from_step=resumed_step, time_budget=parse_budget(cfg.time_budget) if cfg.time_budget else None,
+        plan=cfg.plan or None, cifarkit_version=__version__, torch_version=torch.__version__,
         threads=torch.get_num_threads(), cpu_count=os.cpu_count()))
 
 
@@ -255,8 +305,12 @@ def fit(cfg: TrainConfig, resume: bool = False) -> RunDir:
             if not resume:
                 run.write_config(cfg)
         module = build_module(cfg, dm)
+        if not follower:
+            precision, why = choose_precision(cfg.precision, cfg.accelerator)
+            print(f"precision: {precision} ({why})", file=sys.stderr)
         module.lr = _peak_lr(cfg, dm, module, run, follower)
-        trainer, guard = _trainer(cfg, dm, module, run, resumed_step)
+        plan = _plan(cfg, dm, module, run, start, resume) if cfg.time_budget else None
+        trainer, guard = _trainer(cfg, dm, module, run, resumed_step, plan, start)
         with guard.catching_sigint(), _shared_with_ranks(run):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         test = trainer.test(module, datamodule=dm, verbose=False)[0]

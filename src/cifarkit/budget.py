@@ -1,0 +1,248 @@
+"""The best model in the minutes you have: `--time-budget 10m` plans the recipe's schedule to fit.
+
+The budget counts from the start of `fit` (decoding from the cache, building the net, measuring,
+training, validation and the test with its test-time views) to the tested weights. The schedule
+is planned, not cut: the first steps are timed at each image size the recipe trains at (a few
+steps on the run's own net, whose weights are then put back), one test batch is timed, and the
+number of epochs is the most that fits. The recipe keeps its proportions: the share of low-res
+epochs, the share of epochs the whitening bias trains, the one-cycle's warm-up share and the
+lookahead's averaging follow the planned length. Once the first full-size epoch has run, its
+measured speed is compared with the plan, and the remaining steps are re-planned once if it is
+more than 5% off. A resumed run re-plans its remaining steps to the budget that is left.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import CifarkitError
+
+MARGIN = 0.03        # of the budget kept in reserve against the clock's noise
+DRIFT = 0.05         # re-plan when an epoch runs this much off its planned speed
+TIMED_STEPS = 4      # steps timed per image size, after WARMUP_STEPS untimed ones
+WARMUP_STEPS = 2
+UNSURE = 0.4        # share of test images under the fast recipe's threshold 0.7 (about a third, measured)
+
+
+def parse_budget(text: str) -> float:
+    """'90s', '10m', '1h', '1h30m', '2.5m' or plain seconds ('600') -> seconds."""
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d*)?)\s*h)?\s*(?:(\d+(?:\.\d*)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d*)?)\s*s?)?\s*",
+                     str(text))
+    if not m or not any(m.groups()):
+        raise CifarkitError(f"--time-budget must look like 90s, 10m, 1h or 1h30m; got '{text}'")
+    h, mins, s = (float(g) if g else 0.0 for g in m.groups())
+    seconds = 3600 * h + 60 * mins + s
+    if seconds <= 0:
+        raise CifarkitError(f"--time-budget must be more than nothing; got '{text}'")
+    return seconds
+
+
+def views_per_image(tta: int, threshold: float) -> float:
+    """Forward passes per test image: the plain one, and the extra views for the unsure share."""
+    extra = {0: 0, 1: 1, 2: 5}[tta]
+    return 1 + extra * (UNSURE if threshold < 1 else 1.0)
+
+
+def format_seconds(s: float) -> str:
+    s = int(math.ceil(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+@dataclass
+class Plan:
+    budget: float                 # seconds, fit start to tested weights
+    spent: float                  # seconds already spent when the plan was made
+    step_seconds: dict            # image size (px) -> seconds per optimizer step, measured
+    steps_per_epoch: int
+    test_seconds: float           # the test with its test-time views, predicted
+    val_seconds: float            # one validation pass, predicted (0: no validation split)
+    epochs: float                 # planned
+    low_res_epochs: int
+    low_res: int                  # px of the low-res epochs (0: none)
+    batch_size: int
+    replanned: list = field(default_factory=list)  # (at step, total steps before, after, why)
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.epochs * self.steps_per_epoch)
+
+    def epoch_seconds(self, low: bool) -> float:
+        size = self.low_res if low and self.low_res else max(self.step_seconds)
+        return self.steps_per_epoch * self.step_seconds[size] + self.val_seconds
+
+    def images_per_second(self) -> dict:
+        return {size: round(self.batch_size / s, 1) for size, s in self.step_seconds.items()}
+
+    def predicted(self) -> float:
+        low = min(self.low_res_epochs, self.epochs)
+        return (self.spent + low * self.epoch_seconds(True) + (self.epochs - low) * self.epoch_seconds(False)
+                + self.test_seconds)
+
+    def describe(self) -> str:
+        low = f", the first {self.low_res_epochs} at {self.low_res} px" if self.low_res_epochs else ""
+        speed = ", ".join(f"{v:,.0f} images/s at {k} px" for k, v in sorted(self.images_per_second().items()))
+        return (f"time budget {format_seconds(self.budget)}: {self.epochs:.2f} epochs ({self.total_steps} steps of "
+                f"{self.batch_size}{low}), measured {speed}; test predicted {self.test_seconds:.0f} s; "
+                f"{format_seconds(self.spent)} spent before training; predicted finish "
+                f"{format_seconds(self.predicted())}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["step_seconds"] = {int(k): round(v, 4) for k, v in self.step_seconds.items()}
+        return {**d, "total_steps": self.total_steps, "images_per_second": self.images_per_second(),
+                "predicted_seconds": round(self.predicted(), 1)}
+
+
+def plan_schedule(budget: float, spent: float, step_seconds: dict, steps_per_epoch: int, test_seconds: float,
+                  val_seconds: float, batch_size: int, low_res: int = 0, low_res_share: float = 0.0,
+                  min_epochs: float = 1.0) -> Plan:
+    """The most epochs that fit: low_res_share of them (whole epochs, rounded down) at low_res px."""
+    plan = Plan(budget, spent, dict(step_seconds), steps_per_epoch, test_seconds, val_seconds, 0.0, 0,
+                low_res if low_res_share else 0, batch_size)
+    left = budget * (1 - MARGIN) - spent - test_seconds
+    low, full = plan.epoch_seconds(True), plan.epoch_seconds(False)
+    mixed = low_res_share * low + (1 - low_res_share) * full if plan.low_res else full
+    plan.low_res_epochs = int(low_res_share * left / mixed) if plan.low_res else 0
+    plan.epochs = plan.low_res_epochs + (left - plan.low_res_epochs * low) / full
+    if plan.epochs < min_epochs:  # then no epoch is at low res: the least is min_epochs at full size
+        least = (spent + test_seconds + min_epochs * full) / (1 - MARGIN)
+        raise CifarkitError(f"a time budget of {format_seconds(budget)} leaves {max(left, 0):.0f} s for training "
+                            f"here, less than {min_epochs:g} epoch ({full:.0f} s); the least that makes sense on "
+                            f"this machine is about --time-budget {format_seconds(least)}")
+    return plan
+
+
+def scale_recipe(cfg, plan: Plan, preset_epochs: float) -> None:
+    """Put the plan into the config: its length, and the recipe's epoch-counted parts in proportion."""
+    cfg.epochs = round(plan.epochs, 4)
+    if plan.low_res:
+        cfg.augment = {**cfg.augment, "low_res_epochs": plan.low_res_epochs}
+    if cfg.whiten_bias_epochs:  # the preset's share of epochs, at least one
+        cfg.whiten_bias_epochs = max(1, round(cfg.whiten_bias_epochs * plan.epochs / preset_epochs))
+    cfg.plan = plan.to_dict()
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def measure_steps(module, dm, trainer_kwargs: dict, sizes: list[int]) -> dict:
+    """Seconds per optimizer step at each image size, on the run's own module (its weights, buffers
+    and metric states put back afterwards), after a few untimed warm-up steps."""
+    import lightning as L
+
+    class Clock(L.Callback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args):
+            self.times.append(time.perf_counter())
+
+    saved = copy.deepcopy(module.state_dict())
+    low_epochs = dm.augment.low_res_epochs
+    out = {}
+    try:
+        for size in sizes:
+            dm.augment.low_res_epochs = 10**9 if size < 32 else 0  # every step at this size
+            clock = Clock()
+            trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
+                                   "max_epochs": -1, "max_steps": WARMUP_STEPS + TIMED_STEPS + 1,
+                                   "callbacks": [clock], "devices": 1, "num_nodes": 1, "strategy": "auto",
+                                   "limit_val_batches": 0, "enable_progress_bar": False,
+                                   "enable_model_summary": False})
+            trainer.fit(module, datamodule=dm)
+            t = clock.times[WARMUP_STEPS:]
+            out[size] = (t[-1] - t[0]) / (len(t) - 1)
+    finally:
+        dm.augment.low_res_epochs = low_epochs
+        module.load_state_dict(saved)
+        module._ema, module._lrs = None, []
+    return out
+
+
+@torch.no_grad()
+def measure_eval(module, dm, images: int, views: float, precision: str) -> float:
+    """Predicted seconds to evaluate `images` test-size images with `views` forward passes each:
+    one eval batch timed (after one untimed)."""
+    if images == 0:
+        return 0.0
+    from .module import tta_logits
+    device = next(module.parameters()).device
+    batch = dm.augment.normalize(torch.from_numpy(dm.arrays.test_x[: dm.eval_batch_size]).to(device))
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    module.eval()
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16-mixed", "16-mixed")):
+            for _ in range(2):
+                t = time.perf_counter()
+                tta_logits(module.net, batch, 0)
+                seconds = time.perf_counter() - t
+    finally:
+        module.train()
+    return seconds * math.ceil(images / dm.eval_batch_size) * views
+
+
+# -- during training ----------------------------------------------------------------------------
+
+
+def budget_callback(plan: Plan, start: float, guard, module):
+    """A Lightning callback that re-plans once: when the first full-size epoch ends, or at the start
+    of a resumed run (then from the budget left when its checkpoint was written)."""
+    import lightning as L
+
+    class BudgetGuard(L.Callback):
+        def __init__(self):
+            self.epoch_start = None
+            self.resumed_spent: float | None = None  # the budget spent before an interruption
+
+        def state_dict(self) -> dict:
+            return {"spent": time.time() - start + (self.resumed_spent or 0.0), "plan": plan.to_dict()}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.resumed_spent = float(state["spent"])
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            if self.resumed_spent is not None:  # a resumed run: what is left, from here
+                left = plan.budget - self.resumed_spent - (time.time() - start)
+                done = trainer.global_step
+                todo = max(1, int((left * (1 - MARGIN) - plan.test_seconds)
+                                  / (plan.epoch_seconds(False) / plan.steps_per_epoch)))
+                self._retarget(trainer, done + todo, "resumed with the budget left")
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.epoch_start, self.epoch_steps = time.perf_counter(), trainer.global_step
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            low = trainer.current_epoch < plan.low_res_epochs
+            steps = trainer.global_step - self.epoch_steps
+            if low or plan.replanned or steps < plan.steps_per_epoch or trainer.should_stop:
+                return
+            measured = (time.perf_counter() - self.epoch_start - plan.val_seconds) / steps
+            expected = plan.step_seconds[max(plan.step_seconds)]
+            if abs(measured / expected - 1) <= DRIFT:
+                return
+            elapsed = time.time() - start
+            left = plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds
+            full_epochs_left = left / (measured * plan.steps_per_epoch + plan.val_seconds)
+            total = trainer.global_step + max(1, int(full_epochs_left * plan.steps_per_epoch))
+            plan.step_seconds[max(plan.step_seconds)] = measured
+            self._retarget(trainer, total, f"an epoch ran at {measured / expected:.0%} of the planned step time")
+
+        def _retarget(self, trainer, total: int, why: str) -> None:
+            before = module.total_steps()
+            if total == before:
+                return
+            plan.replanned.append([trainer.global_step, before, total, why])
+            plan.epochs = total / plan.steps_per_epoch
+            module.steps = guard.stop_at_step = total
+            for config in trainer.lr_scheduler_configs:
+                config.scheduler.retarget(total)
+            trainer.fit_loop.max_epochs = max(trainer.fit_loop.max_epochs, math.ceil(plan.epochs))
+            print(f"time budget: re-planned to {total} steps ({plan.epochs:.2f} epochs): {why}", file=sys.stderr)
+
+    return BudgetGuard()

@@ -1,0 +1,99 @@
+"""--time-budget: the planner on a fake clock, the re-plannable one-cycle, refusals, and a real
+short run that finishes inside its budget."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from cifarkit import CifarkitError
+from cifarkit.budget import MARGIN, parse_budget, plan_schedule, scale_recipe, views_per_image
+from cifarkit.module import OneCycle
+from cifarkit.presets import preset_config
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400),
+                                           ("2.5m", 150), ("600", 600), (" 3 min ", 180)])
+def test_budgets_parse(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "10x", "", "0s", "-5m", "m"])
+def test_a_budget_that_does_not_parse_is_one_line(text):
+    with pytest.raises(CifarkitError, match="--time-budget must") as info:
+        parse_budget(text)
+    assert "\n" not in str(info.value)
+
+
+FAST = dict(step_seconds={24: 0.30, 32: 0.55}, steps_per_epoch=196, test_seconds=20.0, val_seconds=0.0,
+            batch_size=256, low_res=24, low_res_share=4 / 9)
+
+
+@pytest.mark.parametrize("budget", [180, 300, 480, 720, 900, 1200])
+def test_the_plan_fits_the_budget_and_keeps_the_recipes_proportions(budget):
+    plan = plan_schedule(budget, 15.0, **FAST)
+    # the fake clock: what the plan's epochs cost at the measured speeds
+    low = plan.low_res_epochs * 196 * 0.30
+    full = (plan.epochs - plan.low_res_epochs) * 196 * 0.55
+    finish = 15.0 + low + full + 20.0
+    assert finish == pytest.approx(budget * (1 - MARGIN), rel=1e-6) and finish == pytest.approx(plan.predicted())
+    assert plan.low_res_epochs == int(4 / 9 * plan.epochs)        # the preset's share, whole epochs
+    assert plan.total_steps == -(-plan.epochs * 196 // 1)
+    longer = plan_schedule(budget * 1.5, 15.0, **FAST)
+    assert longer.epochs > plan.epochs                             # more time, more training
+
+
+def test_a_budget_too_small_for_one_epoch_says_the_least_that_makes_sense():
+    with pytest.raises(CifarkitError, match=r"less than 1 epoch .*the least that makes sense on this machine is "
+                                            r"about --time-budget 2m\d\ds") as info:
+        plan_schedule(90, 15.0, **FAST)
+    least = parse_budget(str(info.value).rsplit("--time-budget ", 1)[1])
+    assert plan_schedule(least, 15.0, **FAST).epochs >= 1.0       # and that least does fit an epoch
+
+
+def test_the_recipe_scales_with_the_plan():
+    cfg = preset_config("fast", time_budget="5m")
+    plan = plan_schedule(300, 15.0, **FAST)
+    scale_recipe(cfg, plan, preset_epochs=cfg.epochs)
+    assert cfg.epochs == pytest.approx(plan.epochs, abs=1e-4) and cfg.augment["low_res_epochs"] == plan.low_res_epochs
+    assert 1 <= cfg.whiten_bias_epochs <= 3 and cfg.plan["total_steps"] == plan.total_steps
+    assert views_per_image(2, 0.7) < views_per_image(2, 1.0) == 6 and views_per_image(0, 1.0) == 1
+
+
+def test_a_retargeted_one_cycle_ends_on_its_new_last_step():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    sched = OneCycle(opt, max_lr=1.0, total_steps=100, pct_start=0.25, anneal_strategy="linear", div_factor=10,
+                     final_div_factor=100, cycle_momentum=False)
+    lrs = []
+    for step in range(80):
+        if step == 40:
+            sched.retarget(60)                                    # the budget shrank: end at step 60
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if step == 59:
+            break
+    assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 24  # the warm-up was not changed
+    assert lrs[-1] == pytest.approx(1.0 / 10 / 100)                # the final rate, on the new last step
+    assert all(a >= b for a, b in zip(lrs[25:], lrs[26:]))         # and the anneal never climbs back
+
+
+@pytest.mark.slow
+def test_a_real_run_finishes_within_its_budget(tmp_path, cifar_path):
+    """60 s on 2,000 real images, the fast recipe with a plain test (no test-time views): measuring,
+    planning, training and the test of all 10,000 test images within 60 s + 10%."""
+    from cifarkit.cli import main
+    out = tmp_path / "run"
+    t = time.time()
+    assert main(["train", "--preset", "fast", "--data", str(cifar_path), "--subset", "2000", "--tta", "0",
+                 "--time-budget", "60s", "--out", str(out), "--no-report"]) == 0
+    wall = time.time() - t
+    res = json.loads((out / "results.json").read_text())
+    assert res["seconds"] <= 60 * 1.10, res["plan"]
+    assert res["time_budget"] == 60 and res["plan"]["epochs"] > 1 and res["steps"] >= res["plan"]["total_steps"] - 1
+    cfg = (out / "config.yaml").read_text()
+    assert "time_budget: 60s" in cfg and "total_steps:" in cfg
+    print(f"60 s budget: {res['seconds']} s in fit, {wall:.0f} s wall-clock, plan {res['plan']['epochs']:.2f} epochs")
