@@ -37,7 +37,7 @@ with tempfile.TemporaryDirectory() as tmp:
     for _ in range(args.repeat):
         for name, model in models.items():
             t = time.perf_counter()
-            results, errors = predict_files(model, paths, batch_size=args.batch_size, progress=False)
+            results, errors = predict_files(model, paths, batch_size=args.batch_size)
             rates[name].append(len(results) / (time.perf_counter() - t))
     for name, r in rates.items():
         print(f"{name:12s} {statistics.median(r):7.0f} images/s (median of {args.repeat}; "

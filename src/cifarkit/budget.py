@@ -15,12 +15,12 @@ from __future__ import annotations
 import copy
 import math
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .console import log
 from .errors import CifarkitError
 
 MARGIN = 0.03        # of the budget kept in reserve against the clock's noise
@@ -243,6 +243,6 @@ def budget_callback(plan: Plan, start: float, guard, module):
             for config in trainer.lr_scheduler_configs:
                 config.scheduler.retarget(total)
             trainer.fit_loop.max_epochs = max(trainer.fit_loop.max_epochs, math.ceil(plan.epochs))
-            print(f"time budget: re-planned to {total} steps ({plan.epochs:.2f} epochs): {why}", file=sys.stderr)
+            log.info(f"time budget: re-planned to {total} steps ({plan.epochs:.2f} epochs): {why}")
 
     return BudgetGuard()

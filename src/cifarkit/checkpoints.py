@@ -21,7 +21,6 @@ import errno
 import os
 import pickle
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +32,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from .console import log
 from .errors import CifarkitError, RunInterrupted
 from .rundir import RunDir
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
@@ -118,9 +118,8 @@ class RunGuard(Callback):
         for i, rng in enumerate(saved[:here]):
             torch.cuda.set_rng_state(rng, i)
         if len(saved) != here and (saved or here):
-            print(f"notice: the checkpoint holds the random state of {len(saved)} GPU(s) and this machine has "
-                  f"{here}: {min(len(saved), here)} restored, so GPU-side randomness is not bit-exact from here",
-                  file=sys.stderr)
+            log.warning(f"notice: the checkpoint holds the random state of {len(saved)} GPU(s) and this machine "
+                        f"has {here}: {min(len(saved), here)} restored, so GPU-side randomness is not bit-exact from here")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._check(trainer, pl_module)  # never write broken weights
@@ -148,7 +147,7 @@ class RunGuard(Callback):
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
-        print("\nstopping after this step with a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+        log.warning("\nstopping after this step with a checkpoint (Ctrl-C again to stop at once)")
 
     # -- every step: the end of a fractional last epoch, Ctrl-C, a diverged loss -----------------
 

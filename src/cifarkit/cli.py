@@ -5,9 +5,9 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
+from .console import command_line, log
 from .errors import CifarkitError, RunInterrupted
 
 def _flag(name: str) -> str:
@@ -66,13 +66,12 @@ def config_from_args(args, cls=None):
         cfg.model_kwargs = {}  # the preset's model settings belong to the preset's model
     if cfg.augment.get("pipeline") == "albumentations" and cfg.augment.get("low_res"):
         cfg.augment = {k: v for k, v in cfg.augment.items() if k not in ("low_res", "low_res_epochs")}
-        print("notice: the albumentations pipeline trains at full size throughout (no low-res epochs)",
-              file=sys.stderr)
+        log.warning("notice: the albumentations pipeline trains at full size throughout (no low-res epochs)")
     low_epochs = cfg.augment.get("low_res_epochs", 0)
     if cfg.augment.get("low_res") and low_epochs > cfg.epochs / 2:  # e.g. the fast preset with --epochs 4
         cfg.augment = {**cfg.augment, "low_res_epochs": int(cfg.epochs // 2)}
-        print(f"notice: {cfg.augment['low_res_epochs']} of the {cfg.epochs:g} epochs at {cfg.augment['low_res']} px "
-              f"(at most half of a run trains on low-res images)", file=sys.stderr)
+        log.warning(f"notice: {cfg.augment['low_res_epochs']} of the {cfg.epochs:g} epochs at "
+                    f"{cfg.augment['low_res']} px (at most half of a run trains on low-res images)")
     if args.config and args.out is None:
         cfg.out = None  # a replay writes a new run, never over the original
     return cfg
@@ -106,14 +105,16 @@ def resume_config(args):
     return cfg
 
 
-def _report(run_dir: Path, args) -> None:
+def _report(run_dir: Path, args) -> Path | None:
+    """The report after training (its path), or a one-line notice of why it was not written."""
     if args.no_report:
-        return
+        return None
     from .report import write_report
     try:
-        print(f"report: {write_report(run_dir) / 'index.html'}")
+        return write_report(run_dir) / "index.html"
     except CifarkitError as exc:
-        print(f"report not written: {exc}; rerun with `cifarkit report {run_dir}`", file=sys.stderr)
+        log.warning(f"report not written: {exc}; rerun with `cifarkit report {run_dir}`")
+        return None
 
 
 def cmd_train(args):
@@ -128,9 +129,13 @@ def cmd_train(args):
     if is_follower():
         return  # rank 0 reports
     results = run.read_results()
-    _report(run.path, args)
-    print(f"run directory: {run.path}")
-    print(f"test accuracy: {results.test_acc:.4f} ({results.seconds:.0f} s)")
+    report = _report(run.path, args)
+    lines = [f"test accuracy: {results.test_acc:.4f} ({results.seconds:.0f} s)", f"run directory: {run.path}"]
+    if report:
+        lines.append(f"report: {report}")
+    lines += [f"next: cifarkit app {run.path}    (the app: classify, Grad-CAM, mistakes)",
+              f"      cifarkit export {run.path} --format onnx --out model.onnx    (or --format hub, safetensors)"]
+    print("\n".join(lines))
 
 
 def cmd_report(args):
@@ -184,7 +189,7 @@ def cmd_predict(args):
     from .predict import collect_images, predict_files, write_csv
     model = load_any(args.model)
     paths, failed = collect_images(args.images)
-    results, errors = predict_files(model, paths, args.top_k, args.batch_size, progress=not args.json)
+    results, errors = predict_files(model, paths, args.top_k, args.batch_size)
     failed += errors
     if args.csv:
         write_csv(results, args.csv)
@@ -196,14 +201,16 @@ def cmd_predict(args):
         if args.csv:
             print(f"{len(results)} predictions written to {args.csv}")
         for msg in failed:
-            print(f"skipped: {msg}", file=sys.stderr)
+            log.warning(f"skipped: {msg}")
     if not results:
         raise CifarkitError(f"no image could be classified ({len(failed)} unreadable)")
 
 
 def cmd_export(args):
+    from .console import progress
     from .export import export
-    out = export(args.run_dir, args.format, args.out)
+    with progress(f"exporting {args.format}", None):
+        out = export(args.run_dir, args.format, args.out)
     print(f"exported {args.format}: {out}")
 
 
@@ -213,8 +220,10 @@ def cmd_app(args):
 
 
 def cmd_export_space(args):
+    from .console import progress
     from .space import export_space
-    out = export_space(args.run_dir, args.out_dir)
+    with progress("writing the Space", None):
+        out = export_space(args.run_dir, args.out_dir)
     print(f"Space written to {out}; try it with: cd {out} && pip install -r requirements.txt && python app.py")
 
 
@@ -230,21 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="cifarkit", description="Train, explain and demo CIFAR-10 classifiers.")
     parser.add_argument("--version", action="version", version=f"cifarkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    console = argparse.ArgumentParser(add_help=False)
+    console.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and notes")
+    console.add_argument("--quiet", action="store_true", help="print only the final result (and errors)")
 
-    p = sub.add_parser("train", help="train a model; prints the run directory and test accuracy")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[console])  # every command takes both
+
+    p = command("train", help="train a model; prints the run directory and test accuracy")
     add_config_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("report", help="figures, Grad-CAM and an HTML page for a run (RUN_DIR/report)")
+    p = command("report", help="figures, Grad-CAM and an HTML page for a run (RUN_DIR/report)")
     p.add_argument("run_dir")
     p.add_argument("--n", type=int, default=20, help="misclassified images to show")
     p.add_argument("--method", default="gradcam", help="gradcam | gradcam++ | eigencam | layercam | scorecam")
     p.add_argument("--out", help="report directory (default RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("gradcam", help="Grad-CAM overlays for your own images")
+    p = command("gradcam", help="Grad-CAM overlays for your own images")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+")
     p.add_argument("--layer", help="one of the model's Grad-CAM layers (default: the deepest)")
@@ -253,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default RUN_DIR/gradcam)")
     p.set_defaults(func=cmd_gradcam)
 
-    p = sub.add_parser("test", help="test accuracy of a finished run")
+    p = command("test", help="test accuracy of a finished run")
     p.add_argument("run_dir")
     p.add_argument("--data", help="another copy of the data source")
     p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time views (default: the run's)")
@@ -262,18 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 = every image (default: the run's)")
     p.set_defaults(func=cmd_test)
 
-    p = sub.add_parser("lr-find", help="LR range test: prints the suggestion, saves the curve")
+    p = command("lr-find", help="LR range test: prints the suggestion, saves the curve")
     add_config_flags(p)
     p.add_argument("--num-training", type=int, help="steps of the sweep (default from the preset)")
     p.set_defaults(func=cmd_lr_find)
 
-    p = sub.add_parser("summary", help="layer table of a model with parameter and size totals")
+    p = command("summary", help="layer table of a model with parameter and size totals")
     p.add_argument("--model", default="resnet18_gn")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--list", action="store_true", help="list the registered models")
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("predict", help="top classes of image files and folders, in batches")
+    p = command("predict", help="top classes of image files and folders, in batches")
     p.add_argument("model", help="run directory, .safetensors, Hub folder or .onnx")
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--top-k", type=int, default=3)
@@ -282,19 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="safetensors, ONNX or a Hub-ready folder")
+    p = command("export", help="safetensors, ONNX or a Hub-ready folder")
     p.add_argument("run_dir", help="run directory or .safetensors file")
     p.add_argument("--format", required=True, help="safetensors | onnx | hub")
     p.add_argument("--out", required=True, help="output file or folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("app", help="serve the Gradio app for a trained run")
+    p = command("app", help="serve the Gradio app for a trained run")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.set_defaults(func=cmd_app)
 
-    p = sub.add_parser("export-space", help="write a self-contained Hugging Face Space folder")
+    p = command("export-space", help="write a self-contained Hugging Face Space folder")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export_space)
@@ -308,23 +323,19 @@ def _rank() -> str:
     return f" (rank {nonzero[0]})" if nonzero else ""
 
 
-# Warnings that say nothing to a user of the command line (the library itself changes no filter).
-QUIET = (".*does not have many workers.*", ".*hparams.*", ".*dataloader is not resumable.*",
-         ".*Total length of `list` across ranks is zero.*",
-         ".*`IterableDataset` has `__len__` defined.*")  # data.EpochSteps: its length is exact
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    with warnings.catch_warnings():
-        for pattern in QUIET:
-            warnings.filterwarnings("ignore", pattern)
-        return _run(argv)
-
-
-def _run(argv) -> int:
     try:
         args = build_parser().parse_args(argv)
+    except CifarkitError as exc:
+        print(f"cifarkit: error: {exc}", file=sys.stderr)
+        return 2
+    with command_line(verbose=args.verbose, quiet=args.quiet):
+        return _run(args)
+
+
+def _run(args) -> int:
+    try:
         args.func(args)
     except CifarkitError as exc:
         print(f"cifarkit: error{_rank()}: {exc}", file=sys.stderr)

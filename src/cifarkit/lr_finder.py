@@ -262,8 +262,11 @@ def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None,
     sweep = _sweep_callback(lrs, beta)
     devices = trainer_kwargs.get("devices", "auto")
     one = [devices[0]] if isinstance(devices, (list, tuple)) else 1
+    from .console import lightning_bar
+    bar = lightning_bar()
     trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
-                           "max_epochs": -1, "max_steps": num_training, "callbacks": [sweep],
+                           "max_epochs": -1, "max_steps": num_training, "callbacks": [sweep] + ([bar] if bar else []),
+                           "enable_progress_bar": bar is not None,
                            "devices": one, "num_nodes": 1, "strategy": "auto",
                            "limit_val_batches": 0, "num_sanity_val_steps": 0,
                            "accumulate_grad_batches": 1, "enable_model_summary": False})

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from .console import progress
 from .errors import CifarkitError
 from .images import SUFFIXES, rgb_array
 
@@ -29,28 +29,27 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return paths, errors
 
 
-def predict_files(model, paths: list[Path], top_k: int = 3, batch_size: int = 256,
-                  progress: bool = True) -> tuple[list[dict], list[str]]:
+def predict_files(model, paths: list[Path], top_k: int = 3,
+                  batch_size: int = 256) -> tuple[list[dict], list[str]]:
     """Top-k classes per readable image, in batches; (results, errors) in input order."""
     k = max(1, min(top_k, len(model.classes)))
     results, errors = [], []
-    bar = tqdm(total=len(paths), unit="img", disable=not progress or len(paths) < 2, file=sys.stderr)
-    for start in range(0, len(paths), batch_size):
-        images, names = [], []
-        for p in paths[start:start + batch_size]:
-            try:
-                images.append(rgb_array(p))
-                names.append(str(p))
-            except CifarkitError as exc:
-                errors.append(str(exc))
-        if images:
-            probs = model.probabilities(np.stack(images))
-            top = probs.topk(k, dim=1)
-            for name, vals, idx in zip(names, top.values.tolist(), top.indices.tolist()):
-                results.append({"image": name, "top": [{"class": model.classes[i], "prob": round(v, 4)}
-                                                       for v, i in zip(vals, idx)]})
-        bar.update(len(paths[start:start + batch_size]))
-    bar.close()
+    with progress("classifying images", len(paths)) as bar:
+        for start in range(0, len(paths), batch_size):
+            images, names = [], []
+            for p in paths[start:start + batch_size]:
+                try:
+                    images.append(rgb_array(p))
+                    names.append(str(p))
+                except CifarkitError as exc:
+                    errors.append(str(exc))
+            if images:
+                probs = model.probabilities(np.stack(images))
+                top = probs.topk(k, dim=1)
+                for name, vals, idx in zip(names, top.values.tolist(), top.indices.tolist()):
+                    results.append({"image": name, "top": [{"class": model.classes[i], "prob": round(v, 4)}
+                                                           for v, i in zip(vals, idx)]})
+            bar.advance(len(paths[start:start + batch_size]))
     return results, errors
 
 

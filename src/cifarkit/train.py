@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from .budget import (Plan, budget_callback, measure_eval, measure_steps, parse_b
                      scale_recipe, views_per_image)
 from .checkpoints import (DISK_ERRNOS, AtomicCheckpointIO, LastCheckpoint, MetricsLogger, RunGuard,
                           check_checkpoint, disk_error, remove_partial_checkpoints)
+from .console import lightning_bar, log
 from .data import CIFARDataModule
 from .errors import CifarkitError
 from .lr_finder import MUON_REFUSAL, check_settings, find_lr, load_lr_find, save_lr_find
@@ -57,7 +57,7 @@ def choose_precision(precision: str, accelerator: str) -> tuple[str, str]:
             return "16-mixed", f"CUDA capability {cap[0]}.{cap[1]}: fp16 with a gradient scaler (bf16 is emulated)"
         return "32-true", f"CUDA capability {cap[0]}.{cap[1]} has no fast half precision"
     if cpu_has_bf16():
-        return "bf16-mixed", "this CPU has bf16 instructions (AVX-512-BF16 or AMX)"
+        return "bf16-mixed", "this CPU has AVX-512-BF16 or AMX bf16 instructions"
     return "32-true", "this CPU has no bf16 instructions"
 
 
@@ -80,10 +80,18 @@ def build_module(cfg: TrainConfig, dm: CIFARDataModule) -> LitClassifier:
 
 
 def trainer_kwargs(cfg: TrainConfig) -> dict:
+    """The machine part of every Trainer a run makes. No progress bar: the trainers that show one
+    add console.lightning_bar() (Lightning's own default bar would print to stdout)."""
     return dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                 strategy=cfg.strategy, precision=resolve_precision(cfg.precision, cfg.accelerator),
                 num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=1,
-                deterministic=False, benchmark=torch.cuda.is_available())
+                deterministic=False, benchmark=torch.cuda.is_available(), enable_progress_bar=False)
+
+
+def with_bar(kwargs: dict, callbacks: list) -> dict:
+    """Trainer keyword arguments with the console's progress bar, where bars are on."""
+    bar = lightning_bar()
+    return {**kwargs, "callbacks": callbacks + ([bar] if bar else []), "enable_progress_bar": bar is not None}
 
 
 def _loggers(cfg: TrainConfig, run: RunDir, resumed_step: int | None) -> list:
@@ -200,8 +208,8 @@ def _peak_lr(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: 
     with _machine_errors():
         result = find_lr(module, dm, trainer_kwargs(cfg), **cfg.lr_find)
     save_lr_find(run.path, result)
-    print(result.summary())
-    print(f"LR range test suggests peak lr {result.suggestion:.4g}: {result.reason}")
+    log.info(result.summary())
+    log.info(f"LR range test suggests peak lr {result.suggestion:.4g}: {result.reason}")
     return result.suggestion
 
 
@@ -212,11 +220,11 @@ def _resume_point(run: RunDir, cfg: TrainConfig, dm: CIFARDataModule,
         raise CifarkitError(f"{run.path} already finished (it has {run.results_file.name}): nothing to resume")
     if not run.last_ckpt.is_file():
         if not follower:
-            print(f"notice: {run.path} has no checkpoint yet: training from the start", file=sys.stderr)
+            log.warning(f"notice: {run.path} has no checkpoint yet: training from the start")
         return None, 0
     step = check_checkpoint(run.last_ckpt, cfg.model, len(dm.classes))["global_step"]
     if not follower:
-        print(f"resuming {run.path} from step {step}", file=sys.stderr)
+        log.info(f"resuming {run.path} from step {step}")
     return run.last_ckpt, step
 
 
@@ -239,7 +247,7 @@ def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: Run
     scale_recipe(cfg, plan, preset_epochs=cfg.epochs)
     dm.augment.low_res_epochs = plan.low_res_epochs
     run.write_config(cfg)
-    print(plan.describe(), file=sys.stderr)
+    log.info(plan.describe())
     return plan
 
 
@@ -255,12 +263,33 @@ def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: 
     # Epoch-bounded, never max_steps: Lightning resumes a step-bounded run from an epoch-end
     # checkpoint by replaying that epoch's end. A fractional last epoch stops via the guard.
     with _machine_errors():
-        trainer = L.Trainer(**trainer_kwargs(cfg), max_epochs=math.ceil(cfg.epochs), callbacks=callbacks,
+        trainer = L.Trainer(**with_bar(trainer_kwargs(cfg), callbacks), max_epochs=math.ceil(cfg.epochs),
                             logger=_loggers(cfg, run, resumed_step), default_root_dir=str(run.path),
                             plugins=[AtomicCheckpointIO(run.path)])
     if cfg.epochs != int(cfg.epochs) or plan is not None:  # each rank sees 1/world_size of the data per epoch
         module.steps = guard.stop_at_step = math.ceil(cfg.epochs * dm.steps_for(trainer.world_size))
     return trainer, guard
+
+
+def _start_block(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: RunDir,
+                 trainer: L.Trainer) -> None:
+    """What is about to happen, in a few lines of cifarkit's own."""
+    precision, why = choose_precision(cfg.precision, cfg.accelerator)
+    steps = dm.steps_for(trainer.world_size)
+    params = sum(p.numel() for p in module.net.parameters())
+    device = trainer.strategy.root_device
+    where = f"{device.type} x{trainer.world_size}" + (f" ({torch.cuda.get_device_name(device)})"
+                                                        if device.type == "cuda" else "")
+    views = {0: "none", 1: "mirror", 2: "6 views"}[cfg.tta] + (f" below {cfg.tta_threshold:.0%} confidence"
+                                                              if cfg.tta and cfg.tta_threshold < 1 else "")
+    log.info("\n".join([
+        f"training {run.path} (preset {cfg.preset}, seed {cfg.seed})",
+        f"  data      {cfg.data_name or data_name(dm.arrays.source)}: {len(dm.train_idx):,} training images, "
+        f"{len(dm.val_idx):,} held out for validation, {len(dm.arrays.test_y):,} test images",
+        f"  model     {cfg.model}: {params:,} parameters",
+        f"  machine   {where}, {torch.get_num_threads()} threads, {precision} ({why})",
+        f"  schedule  {cfg.epochs:g} epoch{'s' * (cfg.epochs != 1)} of {steps} steps of {cfg.batch_size} images "
+        f"({module.steps or math.ceil(cfg.epochs) * steps:,} steps), peak lr {module.lr:.4g}; test-time views: {views}"]))
 
 
 def _write_results(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, trainer: L.Trainer,
@@ -305,12 +334,11 @@ def fit(cfg: TrainConfig, resume: bool = False) -> RunDir:
             if not resume:
                 run.write_config(cfg)
         module = build_module(cfg, dm)
-        if not follower:
-            precision, why = choose_precision(cfg.precision, cfg.accelerator)
-            print(f"precision: {precision} ({why})", file=sys.stderr)
         module.lr = _peak_lr(cfg, dm, module, run, follower)
         plan = _plan(cfg, dm, module, run, start, resume) if cfg.time_budget else None
         trainer, guard = _trainer(cfg, dm, module, run, resumed_step, plan, start)
+        if not follower:
+            _start_block(cfg, dm, module, run, trainer)
         with guard.catching_sigint(), _shared_with_ranks(run):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
@@ -335,5 +363,6 @@ def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = Non
     module = LitClassifier(loaded.net.to(memory_format=torch.channels_last), len(loaded.classes), cfg)
     one_device = {"devices": 1, "num_nodes": 1, "strategy": "auto"}  # a DDP run is tested on one
     with _machine_errors():
-        trainer = L.Trainer(**{**trainer_kwargs(cfg), **one_device}, logger=False, enable_checkpointing=False)
+        trainer = L.Trainer(**with_bar({**trainer_kwargs(cfg), **one_device}, []), logger=False,
+                            enable_checkpointing=False)
     return trainer.test(module, datamodule=dm, verbose=False)[0]
