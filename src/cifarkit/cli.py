@@ -131,6 +131,11 @@ def cmd_report(args):
     print(f"report: {out / 'index.html'}")
 
 
+def cmd_calibrate(args):
+    from .calibration import calibrate_run, describe
+    print(f"calibration: {describe(calibrate_run(args.run_dir))}")
+
+
 def cmd_gradcam(args):
     from .report import overlays_for_files
     overlays_for_files(args.run_dir, args.images, args.layer, args.method, args.alpha, args.out)
@@ -233,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gradcam", help="gradcam | gradcam++ | eigencam | layercam | scorecam")
     p.add_argument("--out", help="report directory (default RUN_DIR/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("calibrate", help="fit the temperature that makes a run's percentages honest, on its "
+                                         "held-out images (never the test set), and store it in its weights")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("gradcam", help="Grad-CAM overlays for your own images")
     p.add_argument("run_dir")

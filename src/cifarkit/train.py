@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from . import __version__
 from .augment import Augment
+from .calibration import calibrate_after_training
 from .checkpoints import (DISK_ERRNOS, AtomicCheckpointIO, LastCheckpoint, MetricsLogger, RunGuard,
                           check_checkpoint, disk_error, remove_partial_checkpoints)
 from .data import CIFARDataModule
@@ -262,6 +263,7 @@ def fit(cfg: TrainConfig, resume: bool = False) -> RunDir:
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
         if trainer.is_global_zero:
             _write_results(cfg, dm, module, trainer, test, run, start, resumed_step)
+            calibrate_after_training(run)  # T in the weights' metadata: predictions are calibrated
     return run
 
 
