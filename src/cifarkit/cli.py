@@ -127,7 +127,8 @@ def cmd_train(args):
 
 def cmd_report(args):
     from .report import write_report
-    out = write_report(args.run_dir, n=args.n, method=args.method, out=args.out)
+    out = write_report(args.run_dir, n=args.n, method=args.method, out=args.out,
+                       corruption_images=args.corruption_images)
     print(f"report: {out / 'index.html'}")
 
 
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20, help="misclassified images to show")
     p.add_argument("--method", default="gradcam", help="gradcam | gradcam++ | eigencam | layercam | scorecam")
     p.add_argument("--out", help="report directory (default RUN_DIR/report)")
+    p.add_argument("--corruption-images", type=int,
+                   help="test images per corruption setting of the robustness table (default 1,000 on a CPU, "
+                        "all on a GPU; 0 leaves robustness out)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("calibrate", help="fit the temperature that makes a run's percentages honest, on its "

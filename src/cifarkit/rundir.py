@@ -67,6 +67,10 @@ class Results:
     ece_after: float | None = None
     nll_before: float | None = None
     nll_after: float | None = None
+    # robustness (written by the report): mean accuracy over 6 corruptions x 5 severities, and the
+    # test images each setting was measured on
+    mean_corruption_accuracy: float | None = None
+    corruption_images: int | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
