@@ -132,6 +132,14 @@ def cmd_report(args):
     print(f"report: {out / 'index.html'}")
 
 
+def cmd_audit(args):
+    from .audit import CSV_NAME, audit, check_folds
+    check_folds(args.folds)
+    result = audit(args.run_dir, args.folds, args.out)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "audit"
+    print(f"{len(result.issues)} likely label errors among {len(result.indices):,} training images: {out / CSV_NAME}")
+
+
 def cmd_calibrate(args):
     from .calibration import calibrate_run, describe
     print(f"calibration: {describe(calibrate_run(args.run_dir))}")
@@ -242,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test images per corruption setting of the robustness table (default 1,000 on a CPU, "
                         "all on a GPU; 0 leaves robustness out)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("audit", help="likely label errors in the training set, from K out-of-fold trainings "
+                                     "of the run's recipe (K times the run's time: a GPU job)")
+    p.add_argument("run_dir")
+    p.add_argument("--folds", type=int, required=True, help="K >= 2 trainings, each without one fold")
+    p.add_argument("--out", help="output directory (default RUN_DIR/audit)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("calibrate", help="fit the temperature that makes a run's percentages honest, on its "
                                          "held-out images (never the test set), and store it in its weights")

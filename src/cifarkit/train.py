@@ -51,7 +51,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def build_datamodule(cfg: TrainConfig) -> CIFARDataModule:
     return CIFARDataModule(cfg.data, cfg.dataset, cfg.batch_size, cfg.val_size, cfg.subset, cfg.seed,
-                           cfg.augment, cfg.eval_batch_size, cfg.num_workers).prepare()
+                           cfg.augment, cfg.eval_batch_size, cfg.num_workers, cfg.holdout_fold).prepare()
 
 
 def build_module(cfg: TrainConfig, dm: CIFARDataModule) -> LitClassifier:
