@@ -140,6 +140,13 @@ def cmd_audit(args):
     print(f"{len(result.issues)} likely label errors among {len(result.indices):,} training images: {out / CSV_NAME}")
 
 
+def cmd_compare(args):
+    from .compare import compare, write_comparison
+    if args.n < 1:
+        raise CifarkitError(f"--n must be at least 1, got {args.n}")
+    print(f"comparison: {write_comparison(compare(args.run_dirs), args.out, args.n)}")
+
+
 def cmd_calibrate(args):
     from .calibration import calibrate_run, describe
     print(f"calibration: {describe(calibrate_run(args.run_dir))}")
@@ -257,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, required=True, help="K >= 2 trainings, each without one fold")
     p.add_argument("--out", help="output directory (default RUN_DIR/audit)")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("compare", help="runs side by side: settings, results, curves, per-class accuracy, "
+                                       "the test images one gets right and the other wrong")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output directory for index.html and its figures")
+    p.add_argument("--n", type=int, default=16, help="images per 'one right, the other wrong' grid")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("calibrate", help="fit the temperature that makes a run's percentages honest, on its "
                                          "held-out images (never the test set), and store it in its weights")
