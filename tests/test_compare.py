@@ -4,7 +4,6 @@ import re
 import shutil
 
 import numpy as np
-import pytest
 import torch
 import yaml
 from PIL import Image

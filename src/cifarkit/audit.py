@@ -19,8 +19,8 @@ import numpy as np
 
 from .errors import CifarkitError
 from .label_issues import LabelIssues, find_label_issues, label_issues_figure, out_of_fold_splits, to_csv
-from .rundir import RunDir
 from .presets import TrainConfig
+from .rundir import RunDir
 
 CSV_NAME, FIGURE_NAME = "label_issues_train.csv", "label_issues_train.png"
 
@@ -60,6 +60,8 @@ def _train(cfg: TrainConfig) -> RunDir:
 def audit(run_dir: str | Path, folds: int, out: str | Path | None = None) -> Audit:
     """Train the run's recipe `folds` times out of fold, write OUT/label_issues_train.{csv,png}."""
     check_folds(folds)
+    import torch
+
     from .train import build_datamodule
     from .weights import load
     run = RunDir.open(run_dir, need=("config",))
@@ -79,6 +81,7 @@ def audit(run_dir: str | Path, folds: int, out: str | Path | None = None) -> Aud
         fold = _train(fold_config(cfg, k, folds, out, res.lr if res else None, source))
         fold_runs.append(fold)
         model = load(fold.path, expect=(cfg.model, len(base.classes)))
+        model.net.to("cuda" if torch.cuda.is_available() else "cpu")
         probs[held] = model.probabilities(base.arrays.train_x[base.train_idx[held]]).numpy()
     labels = base.arrays.train_y[base.train_idx]
     found = find_label_issues(probs, labels)

@@ -104,13 +104,17 @@ def _results(runs: list[RunDir], probs: np.ndarray, labels: np.ndarray) -> list[
 
 def compare(run_dirs: list[str | Path]) -> Comparison:
     """Compare 2+ runs tested on the same test set: data for the page and figures below."""
+    import torch
+
     from .weights import load
     runs, a = _open(run_dirs)
     done: dict[Path, np.ndarray] = {}
     for run in runs:  # a run given twice is predicted once
         key = run.path.resolve()
         if key not in done:
-            done[key] = load(run.path).probabilities(a.test_x).numpy()            # (N, K)
+            model = load(run.path)
+            model.net.to("cuda" if torch.cuda.is_available() else "cpu")
+            done[key] = model.probabilities(a.test_x).numpy()                      # (N, K)
     probs = np.stack([done[r.path.resolve()] for r in runs])                      # (R, N, K)
     k = len(a.classes)
     right = probs.argmax(2) == a.test_y                                            # (R, N)
