@@ -28,7 +28,7 @@ def real_data() -> Path:
 
 # Tests that use these fixtures train a model or start a server or a browser: they are slow
 # (`make test-fast` leaves them out; `make test` and CI run them).
-SLOW_FIXTURES = {"tiny_run", "reported_run", "served", "page", "reference"}
+SLOW_FIXTURES = {"tiny_run", "reported_run", "toy_run", "served", "page", "reference"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -95,6 +95,25 @@ def reported_run(tiny_run) -> Path:
     from cifarkit.report import write_report
     write_report(tiny_run)
     return tiny_run
+
+
+# Training images of the toy run whose labels are flipped on purpose: (class, file) -> wrong class.
+FLIPPED = {(0, "0000.png"): 3, (0, "0001.png"): 3, (3, "0000.png"): 0, (1, "0000.png"): 3}
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory) -> Path:
+    """A quick run (fast net, 4 epochs, about a minute) on a toy ImageFolder that it learns to 100%:
+    4 grey-level classes, 180 training images of which 4 carry a wrong label on purpose (FLIPPED),
+    20 held out (too few to fit a temperature), 100 test images."""
+    from cifarkit.cli import main
+    root = make_image_folder(tmp_path_factory.mktemp("toy") / "data", n_train=45, n_test=25)
+    for (c, name), wrong in FLIPPED.items():
+        (root / "train" / CLASSES[c] / name).rename(root / "train" / CLASSES[wrong] / f"flipped-{c}-{name}")
+    out = tmp_path_factory.mktemp("runs") / "toy"
+    assert main(["train", "--data", str(root), "--epochs", "4", "--batch-size", "16", "--val-size", "20",
+                 "--lr", "0.05", "--tta", "0", "--out", str(out), "--no-report"]) == 0
+    return out
 
 
 def free_port() -> int:

@@ -66,6 +66,22 @@ def test_mistakes_are_filtered_and_captioned(app):
     assert len(app.mistakes(1000)) == 100 and len(app.mistakes(-5)) == 1
 
 
+def test_mistakes_can_be_filtered_to_likely_label_errors(app, monkeypatch):
+    every = app.mistakes(100, "any", "any", "all mistakes")
+    doubtful = app.mistakes(100, "any", "any", "likely label errors")
+    assert 0 < len(doubtful) <= len(every)
+    assert all(c.endswith(", likely label error") for _, c in doubtful)
+    assert any(not c.endswith(", likely label error") for _, c in every)  # the filter removed some
+    assert [c for _, c in app.mistakes(100, "any", "any")] == [c for _, c in every]  # the default: all
+    with pytest.raises(CifarkitError, match="all mistakes, likely label errors"):
+        app.mistakes(5, "any", "any", "best")
+    monkeypatch.setattr(app.gallery, "label_issue", None)               # a gallery from before label issues
+    with pytest.raises(CifarkitError, match="cifarkit report") as e:
+        app.mistakes(5, "any", "any", "likely label errors")
+    assert str(app.run.path) not in str(e.value)                         # no path of the machine
+    assert len(app.mistakes(5)) == 5
+
+
 @pytest.mark.parametrize("which", ["mistakes", "correct", "random"])
 def test_gradcam_gallery_for_each_selection(app, which):
     items = app.gradcam_gallery(4, 0.3, "block3", which)
@@ -101,6 +117,8 @@ def test_every_endpoint_answers_through_the_api(served, files):
     assert Image.open(overlay).size == (256, 256) and Image.open(view).size == (256, 256)
     assert len(client.predict(handle_file(str(files["one.png"])), 5, api_name="/predict")["confidences"]) == 5
     assert len(client.predict(7, "any", "any", api_name="/mistakes")) == 7
+    doubtful = client.predict(3, "any", "any", "likely label errors", api_name="/mistakes")
+    assert len(doubtful) == 3 and all(d["caption"].endswith("likely label error") for d in doubtful)
     assert len(client.predict(3, 0.5, "block1", "random", api_name="/gradcam_gallery")) == 3
     assert "Test accuracy" in client.predict(api_name="/run_summary")
 

@@ -30,10 +30,13 @@ def test_safetensors_round_trip_gives_the_same_logits(tiny_run, tmp_path, real_i
     a, b = load(tiny_run), cifarkit.load(out)
     assert b.meta["model"] == "fast" and b.classes == a.classes and b.mean == a.mean
     assert "cifarkit_version" in b.meta and b.meta["input_size"] == "32"
+    assert b.temperature == a.temperature != 1.0                     # the calibration travels with the weights
+    assert b.meta["calibration_fitted_on"] == a.meta["calibration_fitted_on"]
     assert torch.equal(_logits(a, real_images[0]), _logits(b, real_images[0]))
 
 
-def test_onnx_matches_pytorch_on_random_and_real_images_at_any_batch_size(tiny_run, tmp_path, real_images):
+def test_onnx_matches_calibrated_pytorch_on_random_and_real_images_at_any_batch_size(tiny_run, tmp_path,
+                                                                                     real_images):
     path = export(tiny_run, "onnx", tmp_path / "m.onnx")
     assert path.is_file() and not list(tmp_path.glob("*.data"))        # one file, no external data
     import onnxruntime as ort
@@ -41,12 +44,14 @@ def test_onnx_matches_pytorch_on_random_and_real_images_at_any_batch_size(tiny_r
     meta = sess.get_modelmeta().custom_metadata_map
     m = load(tiny_run)
     assert json.loads(meta["classes"]) == m.classes and json.loads(meta["mean"]) == m.mean
+    assert m.temperature != 1.0 and float(meta["temperature"]) == m.temperature  # tiny_run was calibrated
     rng = np.random.default_rng(0)
     for x in (rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), real_images[0], real_images[0][:1]):
-        ref = _logits(m, x).numpy()
+        ref = _logits(m, x).numpy() / m.temperature                  # the graph divides by T
         inp = (x.astype(np.float32) / 255).transpose(0, 3, 1, 2)     # [0, 1], normalized inside
         got = sess.run(None, {"image": np.ascontiguousarray(inp)})[0]
         assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4
+        assert np.abs(OnnxModel(path).probabilities(x).numpy() - m.probabilities(x).numpy()).max() < 1e-4
 
 
 def test_hub_folder_has_a_model_card_with_the_real_numbers_and_loads_in_one_call(tiny_run, tmp_path, real_images):
@@ -55,6 +60,7 @@ def test_hub_folder_has_a_model_card_with_the_real_numbers_and_loads_in_one_call
     res = json.loads((tiny_run / "results.json").read_text())
     card = (out / "README.md").read_text()
     assert f"{res['test_acc']:.2%}" in card and "Data: CIFAR-10, JPEG-q75 copy" in card
+    assert f"T = {res['temperature']:.3f}, fitted on the validation split" in card
     for name in ("README.md", "results.json", "config.json"):  # nothing of this machine's file system
         assert res["data"] not in (out / name).read_text() and "/tmp/" not in (out / name).read_text(), name
     cfg = json.loads((out / "config.json").read_text())

@@ -1,3 +1,4 @@
+import json
 import re
 import shutil
 from pathlib import Path
@@ -10,7 +11,8 @@ from cifarkit import CifarkitError
 from cifarkit.cli import main
 from cifarkit.report import write_report
 
-FIGURES = ["curves.png", "lr.png", "confusion.png", "misclassified.png", "gradcam.png", "gradcam_correct.png"]
+FIGURES = ["curves.png", "lr.png", "confusion.png", "misclassified.png", "gradcam.png", "gradcam_correct.png",
+           "calibration.png", "label_issues.png", "robustness.png"]
 
 
 def _not_blank(path: Path):
@@ -37,6 +39,49 @@ def test_index_references_only_files_that_exist_and_holds_the_numbers(report, ti
     assert "test_acc" in page and "Per-class" in page and "<script" not in page
     summary = (report / "summary.md").read_text()
     assert "test_acc" in summary and "automobile" in summary
+    assert "label_issues.csv" in refs                                  # the CSV is linked from the page
+    for text in (page, summary):
+        assert "ECE after" in text and "NLL before" in text and "severity 5" in text and "gaussian_blur" in text
+
+
+def test_report_records_mean_corruption_accuracy_and_flags_label_issues(report, tiny_run):
+    import csv
+    res = json.loads((tiny_run / "results.json").read_text())
+    import torch
+    assert res["corruption_images"] == (10_000 if torch.cuda.is_available() else 1000)  # a subsample on a CPU
+    assert 0 <= res["mean_corruption_accuracy"] <= 1
+    assert "| all corruptions |" in (report / "summary.md").read_text()
+    assert f"{res['mean_corruption_accuracy']:.1%} |" in (report / "summary.md").read_text()
+    rows = list(csv.DictReader(open(report / "label_issues.csv", newline="")))
+    assert rows and all(r["given_label"] != r["suggested_label"] for r in rows)
+    listed = {int(r["index"]) for r in rows}                          # test-set indices
+    with np.load(tiny_run / "gallery.npz") as g:                      # the app's filter reads these flags
+        shown, flags = g["index"], g["label_issue"]
+    assert flags.any() and set(shown[flags].tolist()) == listed & set(shown.tolist())
+
+
+def test_a_run_too_small_to_calibrate_gets_one_line_and_every_other_part(toy_run, tmp_path):
+    run = tmp_path / "toy"
+    shutil.copytree(toy_run, run, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    out = write_report(run, n=4)
+    page = (out / "index.html").read_text()
+    assert "calibration: fitting a temperature needs at least 100 held-out samples, got 20" in page
+    for name in ("calibration.png", "confusion.png", "label_issues.png", "robustness.png", "curves.png"):
+        _not_blank(out / name)
+    assert "ECE before" in page and "ECE after" not in page             # a diagram without the 'after' column
+    assert str(tmp_path) not in page
+
+
+def test_mean_corruption_accuracy_falls_with_severity_on_a_trained_run(toy_run, tmp_path):
+    from cifarkit import robustness
+    from cifarkit.analysis import load_test_split
+    from cifarkit.weights import load
+    model = load(toy_run)
+    images, labels = load_test_split(toy_run)
+    r = robustness.evaluate(model.probabilities, images, labels, severities=(0, 1, 2, 3, 4, 5))
+    assert r.clean_accuracy == 1.0 and r.at("jpeg", 0) == 1.0       # learned; severity 0 changes nothing
+    by_severity = r.accuracy.mean(0)                                  # mean over the six corruptions
+    assert np.all(np.diff(by_severity) <= 0) and by_severity[-1] < by_severity[0] - 0.05, by_severity
 
 
 def test_run_without_weights_still_gets_its_curves(tiny_run, tmp_path):
@@ -51,7 +96,7 @@ def test_run_without_weights_still_gets_its_curves(tiny_run, tmp_path):
 def test_run_without_metrics_still_gets_predictions(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("metrics.csv", "report", "checkpoints"))
-    out = write_report(run, n=3)
+    out = write_report(run, n=3, corruption_images=100)
     assert (out / "confusion.png").is_file() and not (out / "curves.png").exists()
     assert "metrics.csv" in (out / "index.html").read_text()
 

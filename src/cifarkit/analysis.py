@@ -17,8 +17,9 @@ from .weights import Loaded
 class Predictions:
     images: np.ndarray   # uint8 (N, 32, 32, 3)
     labels: np.ndarray   # int64 (N,)
-    probs: np.ndarray    # float32 (N, K), softmax
+    probs: np.ndarray    # float32 (N, K), calibrated: softmax(logits / T)
     classes: list[str]
+    logits: np.ndarray | None = None  # float32 (N, K), raw (before the temperature), when computed
 
     @property
     def preds(self) -> np.ndarray:
@@ -34,9 +35,10 @@ class Predictions:
 
 
 def predict_arrays(model: Loaded, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> Predictions:
-    """Probabilities of uint8 images (N, 32, 32, 3), in batches (`Loaded.probabilities`)."""
-    probs = model.probabilities(images, batch_size)
-    return Predictions(images, np.asarray(labels), probs.numpy(), list(model.classes))
+    """Raw logits and calibrated probabilities of uint8 images (N, 32, 32, 3), in batches."""
+    z = model.logits(images, batch_size)                                        # (N, K)
+    return Predictions(images, np.asarray(labels), model.to_probabilities(z).numpy(), list(model.classes),
+                       z.numpy())
 
 
 def load_test_split(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -80,9 +82,10 @@ def per_class_accuracy(conf: np.ndarray) -> np.ndarray:
 
 
 def save_gallery(run_dir: str | Path, p: Predictions, max_mistakes: int = 2000, n_correct: int = 200,
-                 n_random: int = 200, seed: int = 0) -> Path:
+                 n_random: int = 200, seed: int = 0, label_issues: np.ndarray | None = None) -> Path:
     """Store mistakes (most confident first), confident correct and random test images with their
-    probabilities, plus one example image per class, so the app needs only the run directory."""
+    probabilities, plus one example image per class, so the app needs only the run directory.
+    label_issues: test-set indices of likely label errors (label_issues.py); stored as a flag per image."""
     run = RunDir(run_dir)
     rng = np.random.default_rng(seed)
     picks = {"mistake": mistakes(p, max_mistakes), "correct": correct(p, n_correct),
@@ -91,8 +94,9 @@ def save_gallery(run_dir: str | Path, p: Predictions, max_mistakes: int = 2000, 
     kind = np.concatenate([np.full(len(v), k) for k, v in picks.items()])
     out = run.gallery_file
     tmp = out.with_suffix(".tmp.npz")
+    flags = {} if label_issues is None else {"label_issue": np.isin(idx, label_issues)}
     np.savez_compressed(tmp, images=p.images[idx], labels=p.labels[idx], probs=p.probs[idx].astype(np.float16),
-                        kind=kind, classes=np.array(p.classes), index=idx)
+                        kind=kind, classes=np.array(p.classes), index=idx, **flags)
     tmp.replace(out)
     ex_dir = run.examples_dir
     ex_dir.mkdir(exist_ok=True)
@@ -105,9 +109,11 @@ def save_gallery(run_dir: str | Path, p: Predictions, max_mistakes: int = 2000, 
 
 
 def load_gallery(run_dir: str | Path) -> Predictions:
-    """The stored gallery as Predictions (with a `.kind` array); one line when there is none."""
+    """The stored gallery as Predictions with a `.kind` array and `.label_issue` flags (None in a
+    gallery written before label issues); one line when there is none."""
     f = RunDir.open(run_dir, need=("gallery",)).gallery_file
     with np.load(f) as z:
         p = Predictions(z["images"], z["labels"], z["probs"].astype(np.float32), [str(c) for c in z["classes"]])
         p.kind = z["kind"]
+        p.label_issue = z["label_issue"] if "label_issue" in z.files else None
     return p

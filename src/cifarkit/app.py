@@ -23,6 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 VIEW_SIZE = 256   # the 32x32 input and its overlay are shown 8x larger (bicubic)
 KINDS = ("mistakes", "correct", "random")
+SHOW = ("all mistakes", "likely label errors")  # the Mistakes tab's filter (label issues: the report's)
 
 
 class RunApp:
@@ -84,13 +85,23 @@ class RunApp:
 
     def _caption(self, i: int) -> str:
         g = self.gallery
-        return f"actual {g.classes[g.labels[i]]} / predicted {g.classes[g.preds[i]]} ({g.confidence[i]:.0%})"
+        doubt = ", likely label error" if g.label_issue is not None and g.label_issue[i] else ""
+        return f"actual {g.classes[g.labels[i]]} / predicted {g.classes[g.preds[i]]} ({g.confidence[i]:.0%}){doubt}"
 
-    def mistakes(self, n=20, true_class="any", predicted_class="any") -> list[tuple[np.ndarray, str]]:
+    def mistakes(self, n=20, true_class="any", predicted_class="any", show=SHOW[0]) -> list[tuple[np.ndarray, str]]:
+        """The most confident mistakes; show='likely label errors' keeps those whose given label the
+        report found implausible (confident learning over the whole test set, flagged in the gallery)."""
         n = int(max(1, min(int(n), 100)))
         g = self.gallery
-        idx = analysis.mistakes(g, n, self._class_index(true_class), self._class_index(predicted_class))
-        return [(explain.upscale(g.images[[i]], 128)[0], self._caption(i)) for i in idx]
+        if show not in SHOW:
+            raise CifarkitError(f"unknown selection '{show}'; choose one of: {', '.join(SHOW)}")
+        idx = analysis.mistakes(g, None, self._class_index(true_class), self._class_index(predicted_class))
+        if show == SHOW[1]:
+            if g.label_issue is None:
+                raise CifarkitError("this run's gallery has no label-error flags: it predates them; "
+                                    "write the report again with `cifarkit report` on the run")
+            idx = idx[g.label_issue[idx]]
+        return [(explain.upscale(g.images[[i]], 128)[0], self._caption(i)) for i in idx[:n]]
 
     def gradcam_gallery(self, n=10, alpha=0.5, layer=None, which="mistakes", method="gradcam"):
         n = int(max(1, min(int(n), 50)))
@@ -161,9 +172,10 @@ def build_app(run_dir: str | Path):
                 n = gr.Slider(1, 100, value=20, step=1, label="How many")
                 true_c = gr.Dropdown(choices, value="any", label="True class")
                 pred_c = gr.Dropdown(choices, value="any", label="Predicted class")
+                only = gr.Radio(list(SHOW), value=SHOW[0], label="Show", elem_id="mistakes-filter")
             show = gr.Button("Show mistakes", elem_id="show-mistakes")
             gallery = gr.Gallery(label="Misclassified test images", columns=4, format="png", elem_id="mistakes")
-            show.click(_ui(app.mistakes), [n, true_c, pred_c], gallery, api_name="mistakes")
+            show.click(_ui(app.mistakes), [n, true_c, pred_c, only], gallery, api_name="mistakes")
         with gr.Tab("Grad-CAM gallery"):
             with gr.Row():
                 gn = gr.Slider(1, 50, value=10, step=1, label="How many")

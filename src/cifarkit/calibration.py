@@ -3,7 +3,8 @@
 Arrays are numpy: logits or probabilities (N, K) and integer labels (N,). A torch tensor is accepted
 at the door (detached, moved to the CPU); everything returned is numpy or a Python float.
 Temperature scaling (Guo et al., 2017) divides the logits by one scalar T fitted on held-out data:
-the predicted class never changes, only how sure the model says it is.
+the predicted class never changes, only how sure the model says it is. `calibrate_run` fits T for a
+run directory and stores it in the weights' metadata, where every prediction path reads it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .errors import CifarkitError
 BINS = 15                   # equal-width confidence bins, as in Guo et al.
 MIN_FIT_SAMPLES = 100       # fewer held-out samples fit noise, not a temperature
 T_RANGE = (0.05, 20.0)      # search interval for T; real nets land in 0.5-5
+TRAIN_SLICE = 5000          # training images a run without a validation split is calibrated on
 
 
 def _np(x) -> np.ndarray:
@@ -87,6 +89,12 @@ def nll(scores, labels) -> float:
 
 # -- temperature scaling --------------------------------------------------------------------------
 
+def _enough(n: int) -> None:
+    if n < MIN_FIT_SAMPLES:
+        raise CifarkitError(f"fitting a temperature needs at least {MIN_FIT_SAMPLES} held-out samples, "
+                            f"got {n}; use a larger --val-size")
+
+
 def fit_temperature(logits, labels) -> float:
     """The T > 0 minimizing NLL of softmax(logits / T) on held-out data; deterministic.
 
@@ -96,9 +104,7 @@ def fit_temperature(logits, labels) -> float:
     z, y = _np(logits).astype(np.float64), _np(labels).astype(np.int64)
     if z.ndim != 2 or len(z) != len(y):
         raise CifarkitError(f"logits {z.shape} and labels {y.shape} do not match: give (N, K) and (N,)")
-    if len(z) < MIN_FIT_SAMPLES:
-        raise CifarkitError(f"fitting a temperature needs at least {MIN_FIT_SAMPLES} held-out samples, "
-                            f"got {len(z)}; use a larger --val-size")
+    _enough(len(z))
     if not np.all(np.isfinite(z)):
         raise CifarkitError("logits contain NaN or infinity: the model diverged; retrain before calibrating")
     loss = lambda log_t: nll(z / np.exp(log_t), y)  # noqa: E731
@@ -135,6 +141,70 @@ def calibrate(fit_logits, fit_labels, logits, labels, fitted_on: str, bins: int 
     z = _np(logits).astype(np.float64)                                # (N, K)
     return CalibrationReport(ece(softmax(z), labels, bins), ece(apply_temperature(z, t), labels, bins),
                              nll(z, labels), nll(z / t, labels), t, len(z), fitted_on)
+
+
+# -- a run directory ------------------------------------------------------------------------------
+
+def held_out(run, arrays) -> tuple[np.ndarray, str]:
+    """(training-set indices, description) of the images a run's temperature is fitted on: its
+    validation split, rebuilt as training made it; with --val-size 0 a seeded slice of the training set."""
+    from .data import split_train_val
+    cfg = run.read_config()
+    _, val = split_train_val(arrays.train_y, cfg.val_size, cfg.seed)
+    if len(val):
+        return val, f"validation split ({len(val):,} images)"
+    val = np.sort(np.random.default_rng(cfg.seed).permutation(len(arrays.train_y))[:TRAIN_SLICE])
+    return val, (f"{len(val):,} training-set images, a seeded slice (the run has no validation split, "
+                 "--val-size 0; it trained on most or all of them, so T may under-correct)")
+
+
+def calibrate_run(run_dir, fit_logits=None, test_logits=None) -> CalibrationReport:
+    """Fit T on a run's held-out images (never the test set), write it into the weights' metadata,
+    and ECE/NLL on the test set before and after into results.json. Idempotent: fits on raw logits.
+
+    fit_logits, test_logits: the run's plain logits of its held-out and test images, when training
+    has just computed them (then no forward pass is made again); else computed here, in bf16 where
+    the hardware runs it (the temperature and ECE do not need fp32's last digits)."""
+    import torch
+
+    from .rundir import Results, RunDir
+    from .sources import load_arrays
+    from .weights import load, update_metadata
+    run = RunDir.open(run_dir, need=("config", "weights"))
+    arrays = load_arrays(*run.data_source())
+    fit_idx, fitted_on = held_out(run, arrays)
+    _enough(len(fit_idx))  # before any forward pass
+    model = load(run.path, expect=(run.read_config().model, len(arrays.classes)))
+    model.net.to("cuda" if torch.cuda.is_available() else "cpu")
+    if fit_logits is None or len(fit_logits) != len(fit_idx):
+        fit_logits = model.logits(arrays.train_x[fit_idx], autocast=True)
+    if test_logits is None or len(test_logits) != len(arrays.test_y):
+        test_logits = model.logits(arrays.test_x, autocast=True)
+    report = calibrate(fit_logits, arrays.train_y[fit_idx], test_logits, arrays.test_y, fitted_on)
+    update_metadata(run.weights_file, temperature=repr(report.temperature), calibration_fitted_on=fitted_on)
+    res = run.read_results() or Results()
+    res.temperature, res.calibration_fitted_on = report.temperature, fitted_on
+    res.ece_before, res.ece_after, res.nll_before, res.nll_after = (
+        report.ece_before, report.ece_after, report.nll_before, report.nll_after)
+    run.write_results(res)
+    return report
+
+
+def describe(report: CalibrationReport) -> str:
+    return (f"temperature {report.temperature:.3f} fitted on the {report.fitted_on}; test ECE "
+            f"{report.ece_before:.2%} -> {report.ece_after:.2%}, NLL {report.nll_before:.3f} -> {report.nll_after:.3f}")
+
+
+def calibrate_after_training(run_dir, fit_logits=None, test_logits=None) -> CalibrationReport | None:
+    """What `fit` calls last: calibrate, or say in one line why not (the run itself is complete)."""
+    from .console import log
+    try:
+        report = calibrate_run(run_dir, fit_logits, test_logits)
+    except CifarkitError as exc:
+        log.warning(f"notice: probabilities not calibrated: {exc}")
+        return None
+    log.info(f"calibration: {describe(report)}")
+    return report
 
 
 # -- figure ---------------------------------------------------------------------------------------

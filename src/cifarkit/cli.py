@@ -140,8 +140,29 @@ def cmd_train(args):
 
 def cmd_report(args):
     from .report import write_report
-    out = write_report(args.run_dir, n=args.n, method=args.method, out=args.out)
+    out = write_report(args.run_dir, n=args.n, method=args.method, out=args.out,
+                       corruption_images=args.corruption_images)
     print(f"report: {out / 'index.html'}")
+
+
+def cmd_audit(args):
+    from .audit import CSV_NAME, audit, check_folds
+    check_folds(args.folds)
+    result = audit(args.run_dir, args.folds, args.out)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "audit"
+    print(f"{len(result.issues)} likely label errors among {len(result.indices):,} training images: {out / CSV_NAME}")
+
+
+def cmd_compare(args):
+    from .compare import compare, write_comparison
+    if args.n < 1:
+        raise CifarkitError(f"--n must be at least 1, got {args.n}")
+    print(f"comparison: {write_comparison(compare(args.run_dirs), args.out, args.n)}")
+
+
+def cmd_calibrate(args):
+    from .calibration import calibrate_run, describe
+    print(f"calibration: {describe(calibrate_run(args.run_dir))}")
 
 
 def cmd_gradcam(args):
@@ -257,7 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=20, help="misclassified images to show")
     p.add_argument("--method", default="gradcam", help="gradcam | gradcam++ | eigencam | layercam | scorecam")
     p.add_argument("--out", help="report directory (default RUN_DIR/report)")
+    p.add_argument("--corruption-images", type=int,
+                   help="test images per corruption setting of the robustness table (default 1,000 on a CPU, "
+                        "all on a GPU; 0 leaves robustness out)")
     p.set_defaults(func=cmd_report)
+
+    p = command("audit", help="likely label errors in the training set, from K out-of-fold trainings "
+                             "of the run's recipe (K times the run's time: a GPU job)")
+    p.add_argument("run_dir")
+    p.add_argument("--folds", type=int, required=True, help="K >= 2 trainings, each without one fold")
+    p.add_argument("--out", help="output directory (default RUN_DIR/audit)")
+    p.set_defaults(func=cmd_audit)
+
+    p = command("compare", help="runs side by side: settings, results, curves, per-class accuracy, "
+                             "the test images one gets right and the other wrong")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output directory for index.html and its figures")
+    p.add_argument("--n", type=int, default=16, help="images per 'one right, the other wrong' grid")
+    p.set_defaults(func=cmd_compare)
+
+    p = command("calibrate", help="fit the temperature that makes a run's percentages honest, on its "
+                             "held-out images (never the test set), and store it in its weights")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_calibrate)
 
     p = command("gradcam", help="Grad-CAM overlays for your own images")
     p.add_argument("run_dir")

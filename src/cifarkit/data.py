@@ -51,6 +51,15 @@ def balanced_subset(indices: np.ndarray, labels: np.ndarray, n: int, num_classes
     return np.sort(np.concatenate(picked))
 
 
+def without_fold(train_idx: np.ndarray, fold: list, seed: int) -> np.ndarray:
+    """The training indices without fold k of K (label_issues.out_of_fold_splits, seeded)."""
+    from .label_issues import out_of_fold_splits
+    if len(fold) != 2 or not 0 <= fold[0] < fold[1]:
+        raise CifarkitError(f"holdout_fold must be [k, K] with 0 <= k < K, got {fold}")
+    keep, _ = out_of_fold_splits(len(train_idx), int(fold[1]), seed)[int(fold[0])]
+    return train_idx[keep]
+
+
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, H, W, 3), in [0, 1] units."""
     flat = torch.from_numpy(x).reshape(-1, 3).float() / 255
@@ -129,8 +138,9 @@ class CIFARDataModule(L.LightningDataModule):
     def __init__(self, data: str | None = None, dataset: str = "cifar10", batch_size: int = 512,
                  val_size: int = 5000, subset: int | None = None, seed: int = 0,
                  augment: dict | None = None, eval_batch_size: int = 1000, num_workers: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, holdout_fold: list | None = None):
         super().__init__()
+        self.holdout_fold = holdout_fold
         self.data, self.dataset, self.batch_size = data, dataset, batch_size
         self.val_size, self.subset, self.seed = val_size, subset, seed
         self.augment_cfg, self.eval_batch_size, self.num_workers = augment or {}, eval_batch_size, num_workers
@@ -150,6 +160,8 @@ class CIFARDataModule(L.LightningDataModule):
         train_idx, val_idx = split_train_val(a.train_y, self.val_size, self.seed)
         if self.subset:
             train_idx = balanced_subset(train_idx, a.train_y, self.subset, len(a.classes))
+        if self.holdout_fold:  # `cifarkit audit`: fold k of K is left out, to be predicted out of sample
+            train_idx = without_fold(train_idx, self.holdout_fold, self.seed)
         self.train_idx, self.val_idx = train_idx, val_idx
         self.mean, self.std = channel_stats(a.train_x[train_idx])
         self.augment = Augment(self.mean, self.std, seed=self.seed, **self.augment_cfg)

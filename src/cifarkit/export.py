@@ -1,7 +1,8 @@
 """Share a trained model: safetensors with metadata, a single-file ONNX graph, a Hub-ready folder.
 
 The ONNX graph takes float32 RGB in [0, 1], shape (batch, 3, 32, 32), and normalizes inside, so a
-non-Python runtime needs no statistics; they are also in the graph's metadata.
+non-Python runtime needs no statistics; they are also in the graph's metadata. It divides its logits
+by the run's temperature, so softmax of its output is the calibrated probabilities `load()` gives.
 """
 from __future__ import annotations
 
@@ -23,20 +24,24 @@ FORMATS = ("safetensors", "onnx", "hub")
 
 
 class Normalized(nn.Module):
-    """net((x - mean) / std) for x in [0, 1]: the graph users of other runtimes call."""
+    """net((x - mean) / std) / T for x in [0, 1]: the graph users of other runtimes call."""
 
-    def __init__(self, net: nn.Module, mean, std):
+    def __init__(self, net: nn.Module, mean, std, temperature: float = 1.0):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
     def forward(self, x):  # (B, 3, 32, 32) in [0, 1]
-        return self.net((x - self.mean) / self.std)
+        return self.net((x - self.mean) / self.std) / self.temperature       # (B, K) calibrated logits
+
+
+CARRIED = ("test_acc", "temperature", "calibration_fitted_on")  # metadata an export keeps
 
 
 def _meta(m: Loaded) -> dict:
-    keep = ("model", "classes", "mean", "std", "input_size", "model_kwargs", "test_acc")
+    keep = ("model", "classes", "mean", "std", "input_size", "model_kwargs", *CARRIED)
     return {**{k: m.meta[k] for k in keep if k in m.meta}, "cifarkit_version": __version__}
 
 
@@ -44,7 +49,7 @@ def export_safetensors(m: Loaded, out: Path) -> Path:
     out = out if out.suffix == ".safetensors" else out / WEIGHTS_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(m.net, out, m.meta["model"], m.classes, m.mean, m.std, json.loads(m.meta.get("model_kwargs", "{}")),
-                 extra={k: v for k, v in m.meta.items() if k == "test_acc"})
+                 extra={k: v for k, v in m.meta.items() if k in CARRIED})
     return out
 
 
@@ -56,7 +61,7 @@ def export_onnx(m: Loaded, out: Path) -> Path:
         raise CifarkitError("ONNX export needs the extra: pip install 'cifarkit[export]'") from None
     out = out if out.suffix == ".onnx" else out / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    graph = Normalized(m.net.eval().to(memory_format=torch.contiguous_format), m.mean, m.std).eval()
+    graph = Normalized(m.net.eval().to(memory_format=torch.contiguous_format), m.mean, m.std, m.temperature).eval()
     example = torch.rand(2, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -66,7 +71,9 @@ def export_onnx(m: Loaded, out: Path) -> Path:
     program.save(str(out))
     proto = onnx.load(str(out))
     meta = {**_meta(m), "input": "float32 RGB in [0, 1], shape (batch, 3, 32, 32); normalized inside",
-            "output": "logits (batch, classes); softmax for probabilities"}
+            "temperature": repr(m.temperature),
+            "output": f"calibrated logits (batch, classes): the net's logits divided by temperature "
+                      f"{m.temperature:.4g}; softmax for calibrated probabilities"}
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=str(v))
     onnx.save(proto, str(out))
@@ -88,11 +95,19 @@ def _model_card(m: Loaded, public: dict) -> str:
              f"test-time views level {res.get('tta', '?')})",
              f"- Data: {data}", f"- Recipe: preset `{res.get('preset', '?')}`, {res.get('epochs', '?')} epochs, "
              f"peak lr {res.get('lr', '?')}, seed {res.get('seed', '?')}, precision {res.get('precision', '?')}",
+             f"- Probabilities: {_calibration_line(m)}",
              f"- Classes: {', '.join(m.classes)}", f"- Input: 32x32 RGB, normalized with mean {m.mean} and std {m.std}",
              f"- cifarkit {__version__}", "", "## Use", "", "```python", "import cifarkit",
              "model = cifarkit.load('path/to/this/folder')   # eval mode, CPU",
              "probs = model.probabilities([PIL.Image.open('cat.jpg')])", "```", ""]
     return "\n".join(lines)
+
+
+def _calibration_line(m: Loaded) -> str:
+    if "temperature" not in m.meta:
+        return "softmax of the logits, not calibrated (run `cifarkit calibrate` on the run, then export)"
+    return (f"temperature-scaled (T = {m.temperature:.3f}, fitted on the {m.meta.get('calibration_fitted_on', '?')}); "
+            "`probabilities()` applies it")
 
 
 def export_hub(m: Loaded, out: Path, run: RunDir | None) -> Path:

@@ -21,13 +21,14 @@ from .presets import TrainConfig
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
-def tta_logits(net: nn.Module, x: torch.Tensor, level: int = 0, threshold: float = 1.0) -> torch.Tensor:
+def tta_logits(net: nn.Module, x: torch.Tensor, level: int = 0, threshold: float = 1.0,
+               plain: torch.Tensor | None = None) -> torch.Tensor:
     """Logits averaged over test-time views: 0 = as is, 1 = + mirror, 2 = + mirror of 1-px shifts.
 
     With threshold < 1, only the images whose plain prediction has a top probability below it get
     the extra views (the confident ones keep their plain logits): most of the time, same accuracy.
     """
-    plain = net(x)                                              # (B, K)
+    plain = net(x) if plain is None else plain                  # (B, K)
     if level == 0:
         return plain
     if threshold >= 1.0:
@@ -80,6 +81,7 @@ class LitClassifier(L.LightningModule):
         self._ema: dict[str, torch.Tensor] | None = None
         self._batch = 1024  # examples in the latest training batch
         self._lrs: list[tuple[int, float]] = []  # (step, lr) not yet handed to the loggers
+        self.plain_logits: dict[str, list[torch.Tensor]] = {"val": [], "test": []}  # single-view, in order
         # static shapes; kept out of the module's children so checkpoints hold the plain net
         object.__setattr__(self, "_net", torch.compile(net, dynamic=False) if cfg.compile else net)
 
@@ -111,10 +113,18 @@ class LitClassifier(L.LightningModule):
 
     def _eval_step(self, batch, stage: str, metric, tta: int):
         x, y = batch
-        logits = tta_logits(self._net, x, tta, self.cfg.tta_threshold)
+        plain = self._net(x)                                     # (B, K)
+        self.plain_logits[stage].append(plain.detach().float())  # for calibration: no second pass
+        logits = tta_logits(self._net, x, tta, self.cfg.tta_threshold, plain)
         metric(logits, y)
         self.log(f"{stage}_loss", F.cross_entropy(logits.float(), y), on_epoch=True, sync_dist=True)
         self.log(f"{stage}_acc", metric, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_start(self):
+        self.plain_logits["val"] = []  # the last validation's only
+
+    def on_test_epoch_start(self):
+        self.plain_logits["test"] = []
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val", self.val_acc, 0)

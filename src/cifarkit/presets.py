@@ -64,6 +64,8 @@ class TrainConfig:
     dataset: str = setting("cifar10", "which dataset", choices=("cifar10", "cifar100", "folder"))
     subset: int | None = setting(None, "train on the first N training images, class-balanced")
     val_size: int = setting(5000, "training images held out for validation, seeded (0 allowed)")
+    holdout_fold: list | None = setting(None, "[k, K]: train without fold k of K of the training split, "
+                                              "seeded (what `cifarkit audit` sets for its trainings)", flag=False)
     augment: dict = setting(help="augmentation (see augment.Augment); --augment picks the pipeline",
                             factory=dict, choices=("batched", "albumentations"), subkey="pipeline")
     num_workers: int = setting(0, "DataLoader workers (per-sample augmentation only)", machine=True)

@@ -1,18 +1,21 @@
 """A run's report: figures, an HTML page and a Markdown summary in RUN_DIR/report/.
 
 Each part is written on its own: a run without metrics still gets its confusion matrix, a run
-without weights still gets its curves, and the page says what is missing and why.
+without weights still gets its curves, a run too small to calibrate still gets its robustness
+table, and the page says what is missing and why. Beyond what the model got wrong and where it
+looked: how honest its percentages are (calibration), which test labels are likely wrong (label
+issues) and how it holds up on blurred, noisy or otherwise corrupted images (robustness).
 """
 from __future__ import annotations
 
 import html
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import analysis, explain, plots
+from . import analysis, calibration, explain, label_issues, plots, robustness
+from .console import log, progress
 from .errors import CifarkitError
 from .rundir import RunDir
 
@@ -26,6 +29,12 @@ class Report:
         self.figures: list[tuple[str, str, str]] = []  # (file, title, caption)
         self.notes: list[str] = []
         self.tables: dict[str, list[tuple[str, str]]] = {}
+        self.grids: dict[str, list[list[str]]] = {}   # multi-column tables: header row, then rows
+        self.links: list[tuple[str, str]] = []        # (file, what it is): data files beside the page
+        self.p: analysis.Predictions | None = None    # test predictions, once made
+        self.issues: label_issues.LabelIssues | None = None  # likely label errors among them
+        self.temperature: float | None = None         # the run's T and where it was fitted, once known
+        self.fitted_on = ""
 
     def add(self, fig, name: str, title: str, caption: str) -> None:
         fig.savefig(self.out / name, dpi=110, bbox_inches="tight")
@@ -69,8 +78,10 @@ def _predictions(r: Report, n: int, method: str) -> None:
     from .weights import load
     model = load(r.run.path)
     images, labels = analysis.load_test_split(r.run.path)
-    p = analysis.predict_arrays(model, images, labels)
-    analysis.save_gallery(r.run.path, p)  # what the app shows, without the dataset
+    p = r.p = analysis.predict_arrays(model, images, labels)
+    issues = label_issues.find_label_issues(p.probs, p.labels)
+    r.issues = issues
+    analysis.save_gallery(r.run.path, p, label_issues=issues.indices)  # what the app shows, without the dataset
     conf = analysis.confusion(p)
     per_class = analysis.per_class_accuracy(conf)
     r.tables["Per-class test accuracy (single view)"] = [(c, f"{a:.2%}") for c, a in zip(p.classes, per_class)]
@@ -80,12 +91,15 @@ def _predictions(r: Report, n: int, method: str) -> None:
     wrong = analysis.mistakes(p, n)
     if len(wrong) < n:
         r.notes.append(f"misclassified: asked for {n}, the model made only {len(wrong)} mistakes")
-    titles = [f"{p.classes[p.labels[i]]} / {p.classes[p.preds[i]]} ({p.confidence[i]:.0%})" for i in wrong]
+    doubtful = np.isin(wrong, issues.indices)
+    titles = [f"{p.classes[p.labels[i]]} / {p.classes[p.preds[i]]} ({p.confidence[i]:.0%})" + ("\nlabel?" if d else "")
+              for i, d in zip(wrong, doubtful)]
     if len(wrong):
-        r.add(plots.image_grid(explain.upscale(images[wrong]), titles, colors=["C3"] * len(wrong)),
+        r.add(plots.image_grid(explain.upscale(images[wrong]), titles, colors=["C1" if d else "C3" for d in doubtful]),
               "misclassified.png", "Misclassified test images",
               f"The {len(wrong)} most confident mistakes, titled actual / predicted (confidence); "
-              "32x32 images upscaled 4x, bicubic.")
+              f"{int(doubtful.sum())} of them, titled in orange with 'label?', are likely label errors "
+              "(see below): the given label, not the model, is probably wrong. 32x32 images upscaled 4x, bicubic.")
     for name, idx, what in (("gradcam.png", wrong[:CAM_COLUMNS], "misclassified"),
                             ("gradcam_correct.png", analysis.correct(p, CAM_COLUMNS), "correctly classified")):
         if len(idx) == 0:
@@ -99,10 +113,90 @@ def _predictions(r: Report, n: int, method: str) -> None:
               "50/50; titles are actual / predicted.")
 
 
+def _temperature(r: Report) -> None:
+    """The run's temperature; an older run, trained before calibration, is calibrated here."""
+    from .weights import load
+    if not r.run.weights_file.is_file():
+        return  # the predictions part says so
+    meta, by = load(r.run.path).meta, ""
+    if "temperature" not in meta:
+        calibration.calibrate_run(r.run.path)
+        meta, by = load(r.run.path).meta, ", by this report (the run predates calibration)"
+    r.temperature, r.fitted_on = float(meta["temperature"]), meta.get("calibration_fitted_on", "?") + by
+
+
+def _calibration(r: Report) -> None:
+    if r.p is None:
+        return
+    z, y, t = r.p.logits, r.p.labels, r.temperature                            # raw logits (N, K)
+    before = calibration.softmax(z)
+    after = None if t is None else calibration.apply_temperature(z, t)
+    rows = [("ECE before (15 bins)", f"{calibration.ece(before, y):.2%}"),
+            ("NLL before", f"{calibration.nll(z, y):.4f}")]
+    if after is not None:
+        rows = [("temperature T", f"{t:.4f}"), ("fitted on", r.fitted_on), rows[0],
+                ("ECE after", f"{calibration.ece(after, y):.2%}"), rows[1],
+                ("NLL after", f"{calibration.nll(z / t, y):.4f}")]
+    r.tables["Calibration (test set)"] = rows
+    how = ("Temperature scaling divides the logits by T, fitted on held-out images (never the test set); the app, "
+           "predict and the exports show the calibrated percentages." if after is not None else
+           "No temperature was fitted (see above), so the percentages shown are the raw ones.")
+    r.add(calibration.reliability_figure(before, after, y), "calibration.png", "Calibration",
+          "Reliability diagrams: test images binned by the model's confidence (15 bins); a bar reaching the "
+          f"diagonal means that confidence is honest. Below, the share of images per bin. {how}")
+
+
+def _label_issues(r: Report) -> None:
+    if r.p is None:
+        return
+    issues, p = r.issues, r.p
+    label_issues.to_csv(issues, p.classes, r.out / "label_issues.csv")
+    r.links.append(("label_issues.csv", f"all {len(issues)} likely label errors of the test set (index, given "
+                                        "and suggested label, probabilities)"))
+    wrong = np.flatnonzero(p.preds != p.labels)
+    r.tables["Likely label errors (test set)"] = [
+        ("test images flagged", f"{len(issues):,} of {len(p.labels):,}"),
+        ("among the model's mistakes", f"{int(np.isin(issues.indices, wrong).sum()):,} of {len(wrong):,}")]
+    r.add(label_issues.label_issues_figure(p.images, issues, p.classes), "label_issues.png", "Likely label errors",
+          "Test images whose given label the model finds least plausible while confidently preferring another class "
+          "(confident learning: below its own average confidence in the given class, above it in the suggested one), "
+          "most likely first, titled given / suggested (probability). Check them by eye before trusting the accuracy. "
+          f"Only as good as the model (single-view test accuracy {p.accuracy:.1%}): its confident mistakes look alike.")
+
+
+def _robustness(r: Report, n: int | None) -> None:
+    import torch
+
+    from .weights import load
+    if not r.run.weights_file.is_file():
+        return  # the predictions part says so
+    model = load(r.run.path)
+    on_gpu = torch.cuda.is_available()
+    model.net.to("cuda" if on_gpu else "cpu")
+    if n is None:
+        n = None if on_gpu else robustness.CPU_SUBSAMPLE  # the whole table in about a minute on 2 CPU cores
+    images, labels = analysis.load_test_split(r.run.path) if r.p is None else (r.p.images, r.p.labels)
+    res = robustness.evaluate(lambda b: model.probabilities(b, autocast=True), images, labels, n=n)
+    r.grids["Accuracy under corruptions"] = robustness.table_rows(res)
+    r.tables["Results"].append(("mean corruption accuracy", f"{res.mean_corruption_accuracy:.4f}"))
+    sample = " (a seeded subsample, the same for every point)" if res.n < len(labels) else ""
+    r.add(robustness.robustness_figure(res), "robustness.png", "Robustness",
+          "Test accuracy under six common corruptions at severities 1-5 (CIFAR-10-C's parameters, made on the fly), "
+          f"on {res.n:,} test images{sample}; bf16 where the hardware runs it natively, {res.seconds:.0f} s.")
+    results = r.run.read_results()
+    if results is not None:
+        results.mean_corruption_accuracy, results.corruption_images = res.mean_corruption_accuracy, res.n
+        r.run.write_results(results)
+
+
 def _write_pages(r: Report) -> None:
     rows = "".join(f"<h2>{html.escape(t)}</h2><table>" +
                    "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in tab) +
                    "</table>" for t, tab in r.tables.items())
+    rows += "".join(f"<h2>{html.escape(t)}</h2><table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in g[0]) +
+                    "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                                      for row in g[1:]) + "</table>" for t, g in r.grids.items())
+    rows += "".join(f'<p><a href="{f}">{html.escape(f)}</a>: {html.escape(what)}</p>' for f, what in r.links)
     figs = "".join(f'<figure><h2>{html.escape(t)}</h2><img src="{f}" alt="{html.escape(t)}">'
                    f"<figcaption>{html.escape(c)}</figcaption></figure>" for f, t, c in r.figures)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in r.notes)
@@ -116,6 +210,10 @@ def _write_pages(r: Report) -> None:
     md = [f"# Run {r.run.name}", ""]
     for t, tab in r.tables.items():
         md += [f"## {t}", "", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in tab], ""]
+    for t, g in r.grids.items():
+        md += [f"## {t}", "", *["| " + " | ".join(row) + " |" for row in g[:1]],
+               "| " + " | ".join("---" for _ in g[0]) + " |", *["| " + " | ".join(row) + " |" for row in g[1:]], ""]
+    md += [f"- [{f}]({f}): {what}" for f, what in r.links]
     md += [f"![{t}]({f})" for f, t, _ in r.figures]
     md += ["", *[f"- not in this report: {n}" for n in r.notes]]
     (r.out / "summary.md").write_text("\n".join(md) + "\n")
@@ -136,11 +234,17 @@ def _settings(run: RunDir) -> list[tuple[str, str]]:
     return rows
 
 
-def write_report(run_dir: str | Path, n: int = 20, method: str = "gradcam", out: str | Path | None = None) -> Path:
-    """Write RUN_DIR/report/ (or `out`); returns its path. Raises only if nothing can be written."""
+def write_report(run_dir: str | Path, n: int = 20, method: str = "gradcam", out: str | Path | None = None,
+                 corruption_images: int | None = None) -> Path:
+    """Write RUN_DIR/report/ (or `out`); returns its path. Raises only if nothing can be written.
+
+    corruption_images: test images per robustness setting; None: robustness.CPU_SUBSAMPLE on a CPU,
+    all of them on a GPU; 0: no robustness part."""
     run = RunDir.open(run_dir)
     if not 1 <= n <= MAX_SHOWN:
         raise CifarkitError(f"--n must be between 1 and {MAX_SHOWN}, got {n}")
+    if corruption_images is not None and corruption_images < 0:
+        raise CifarkitError(f"--corruption-images must be >= 0 (0 leaves robustness out), got {corruption_images}")
     explain._cam_class(method)  # an unknown method fails before any work
     r = Report(run, Path(out) if out else run.report_dir)
     try:
@@ -149,9 +253,17 @@ def write_report(run_dir: str | Path, n: int = 20, method: str = "gradcam", out:
         raise CifarkitError(f"cannot write the report to {r.out}: {exc.strerror or exc}") from None
     start = time.time()
     r.tables["Results"] = _settings(run)
-    r.attempt("curves", lambda: _curves(r))
-    r.attempt("LR range test", lambda: _lr_find(r))
-    r.attempt("predictions, mistakes and Grad-CAM", lambda: _predictions(r, n, method))
+    parts = [("curves", lambda: _curves(r)), ("LR range test", lambda: _lr_find(r)),
+             ("calibration", lambda: _temperature(r)),
+             ("predictions, mistakes and Grad-CAM", lambda: _predictions(r, n, method)),
+             ("calibration", lambda: _calibration(r)), ("likely label errors", lambda: _label_issues(r))]
+    if corruption_images != 0:
+        parts.append(("robustness", lambda: _robustness(r, corruption_images)))
+    with progress("report", len(parts)) as bar:
+        for what, part in parts:
+            bar.advance(0, f"report: {what}")
+            r.attempt(what, part)
+            bar.advance(1)
     r.tables["Results"].append(("report seconds", f"{time.time() - start:.1f}"))
     _write_pages(r)
     return r.out
@@ -170,18 +282,20 @@ def overlays_for_files(run_dir: str | Path, images: list[str], layer: str | None
     out_dir = Path(out) if out else Path(run_dir) / "gradcam"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in images:
-        try:
-            arr = rgb_array(path)[None]  # (1, 32, 32, 3)
-        except CifarkitError as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-            continue
-        probs, cam = explain.explain_top_class(model, arr, layer, method)
-        pred = int(probs[0].argmax())
-        dest = out_dir / f"{Path(path).stem}-{layer}-{method}.png"
-        Image.fromarray(explain.overlay(arr, cam, alpha)[0]).save(dest)
-        written.append(dest)
-        print(f"{path}: predicted {model.classes[pred]} -> {dest}")
+    with progress("Grad-CAM", len(images)) as bar:
+        for path in images:
+            bar.advance(1)
+            try:
+                arr = rgb_array(path)[None]  # (1, 32, 32, 3)
+            except CifarkitError as exc:
+                log.warning(f"skipped: {exc}")
+                continue
+            probs, cam = explain.explain_top_class(model, arr, layer, method)
+            pred = int(probs[0].argmax())
+            dest = out_dir / f"{Path(path).stem}-{layer}-{method}.png"
+            Image.fromarray(explain.overlay(arr, cam, alpha)[0]).save(dest)
+            written.append(dest)
+            print(f"{path}: predicted {model.classes[pred]} -> {dest}")
     if not written:
         raise CifarkitError(f"none of the {len(images)} images could be read")
     return written

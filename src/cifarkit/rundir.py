@@ -61,6 +61,18 @@ class Results:
     torch_version: str | None = None
     threads: int | None = None
     cpu_count: int | None = None
+    # calibration (`cifarkit calibrate`, run by `fit` at the end): T and where it was fitted, and the
+    # test set's expected calibration error (15 bins) and NLL before and after it
+    temperature: float | None = None
+    calibration_fitted_on: str | None = None
+    ece_before: float | None = None
+    ece_after: float | None = None
+    nll_before: float | None = None
+    nll_after: float | None = None
+    # robustness (written by the report): mean accuracy over 6 corruptions x 5 severities, and the
+    # test images each setting was measured on
+    mean_corruption_accuracy: float | None = None
+    corruption_images: int | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -16,6 +16,7 @@ from . import __version__
 from .augment import Augment
 from .budget import (Plan, budget_callback, measure_eval, measure_steps, parse_budget, plan_schedule,
                      scale_recipe, views_per_image)
+from .calibration import calibrate_after_training
 from .checkpoints import (DISK_ERRNOS, AtomicCheckpointIO, LastCheckpoint, MetricsLogger, RunGuard,
                           check_checkpoint, disk_error, remove_partial_checkpoints)
 from .console import lightning_bar, log
@@ -67,7 +68,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def build_datamodule(cfg: TrainConfig) -> CIFARDataModule:
     return CIFARDataModule(cfg.data, cfg.dataset, cfg.batch_size, cfg.val_size, cfg.subset, cfg.seed,
-                           cfg.augment, cfg.eval_batch_size, cfg.num_workers, cfg.drop_last).prepare()
+                           cfg.augment, cfg.eval_batch_size, cfg.num_workers, cfg.drop_last,
+                           cfg.holdout_fold).prepare()
 
 
 def build_module(cfg: TrainConfig, dm: CIFARDataModule) -> LitClassifier:
@@ -344,7 +346,17 @@ def fit(cfg: TrainConfig, resume: bool = False) -> RunDir:
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
         if trainer.is_global_zero:
             _write_results(cfg, dm, module, trainer, test, run, start, resumed_step)
+            # T in the weights' metadata: predictions are calibrated (from this run's own logits)
+            calibrate_after_training(run, *_held_out_and_test_logits(module, trainer))
     return run
+
+
+def _held_out_and_test_logits(module: LitClassifier, trainer: L.Trainer):
+    """The plain logits the last validation and the test computed, in data order (one process only)."""
+    if trainer.world_size > 1:
+        return None, None
+    val, test = (torch.cat(module.plain_logits[k]).cpu() if module.plain_logits[k] else None for k in ("val", "test"))
+    return val, test
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = None,
