@@ -20,7 +20,6 @@ seconds per epoch. Run alone on the machine.
 """
 import argparse
 import dataclasses
-import json
 import time
 
 import lightning as L

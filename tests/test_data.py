@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import pytest
-from PIL import Image
 
 from cifarkit import CifarkitError
 from cifarkit.cli import main

@@ -83,7 +83,8 @@ def _fit(folder, tmp_path, epochs=2, callbacks=(), batch_size=8, **kw):
     dm = CIFARDataModule(str(folder), batch_size=batch_size, val_size=8, augment={"flip": "random"}).prepare()
     net = build_model("fast", len(dm.classes), widths=(8, 16, 16))
     net.init_from_data(dm.sample_images(32))
-    module = LitClassifier(net, len(dm.classes), TrainConfig(lr=0.2, **kw))
+    proxy = build_model("fast", len(dm.classes), widths=kw["proxy_widths"]) if kw.get("proxy_keep") else None
+    module = LitClassifier(net, len(dm.classes), TrainConfig(lr=0.2, **kw), proxy)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=tmp_path,
                         callbacks=list(callbacks))
@@ -148,3 +149,29 @@ def test_lookahead_runs_and_the_last_step_makes_the_net_the_average(image_folder
     for k, v in module.net.state_dict().items():    # after the last step the net is the average
         if v.dtype.is_floating_point:
             assert torch.equal(v, module._ema[k])
+
+
+def test_the_proxy_selection_keeps_labels_aligned_and_picks_the_highest_loss_share():
+    from cifarkit.module import hardest
+    x = torch.arange(8).float().view(8, 1, 1, 1).expand(8, 3, 2, 2)   # image i is filled with i
+    y = torch.arange(8) * 10                                          # its label is 10 i
+    losses = torch.tensor([0.1, 5.0, 0.3, 4.0, 0.2, 3.0, 0.0, 2.0])
+    xs, ys = hardest(x, y, losses, 0.5)
+    assert sorted(ys.tolist()) == [10, 30, 50, 70]                    # the four highest losses
+    assert torch.equal(xs[:, 0, 0, 0] * 10, ys.float())               # each image with its own label
+    assert len(hardest(x, y, losses, 0.25)[1]) == 2
+
+
+@pytest.mark.slow
+def test_with_a_proxy_the_net_learns_from_half_of_each_batch_and_the_proxy_from_all(image_folder, tmp_path):
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, module):
+            module.net.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+
+    trainer, module = _fit(image_folder, tmp_path, epochs=1, callbacks=[Spy()], proxy_keep=0.5,
+                           proxy_widths=[8, 8, 8])
+    assert module.proxy is not None and seen[:5] == [4] * 5  # 40 images in batches of 8: the net trains on 4 of each
+    ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in ids for p in module.proxy.parameters() if p.requires_grad)  # the proxy trains too

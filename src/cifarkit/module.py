@@ -63,12 +63,19 @@ class OneCycle(torch.optim.lr_scheduler.OneCycleLR):
         self._schedule_phases[1]["end_step"] = total_steps - 1
 
 
+def hardest(x: torch.Tensor, y: torch.Tensor, losses: torch.Tensor, keep: float):
+    """The examples with the highest loss, the `keep` share of the batch: (x, y) aligned, (K, ...)."""
+    idx = losses.topk(max(1, round(keep * len(y)))).indices     # (K,)
+    return x[idx], y[idx]
+
+
 class LitClassifier(L.LightningModule):
-    def __init__(self, net: nn.Module, num_classes: int, cfg: TrainConfig):
+    def __init__(self, net: nn.Module, num_classes: int, cfg: TrainConfig, proxy: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.save_hyperparameters(dataclasses.asdict(cfg))  # into every checkpoint, as plain values
         self.net = net
+        self.proxy = proxy  # cfg.proxy_keep: a small net that ranks each batch's examples by its loss
         # the peak rate; an LR range test replaces it before fit (configure_optimizers reads it)
         self.lr = float(cfg.lr) if cfg.lr != "auto" else 1e-3
         self.steps: int | None = None  # optimizer steps of the run when it ends part-way into an epoch
@@ -92,7 +99,15 @@ class LitClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        self._batch = len(y) * self.trainer.world_size  # examples per optimizer step
+        extra = 0.0
+        if self.proxy is not None:  # it learns from the whole batch; the net from its hardest share
+            per_example = F.cross_entropy(self.proxy(x), y, label_smoothing=self.cfg.label_smoothing,
+                                          reduction="none")                             # (B,)
+            x, y = hardest(x, y, per_example.detach(), self.cfg.proxy_keep)
+            if self.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            extra = per_example.mean()
+        self._batch = len(y) * self.trainer.world_size  # examples per optimizer step of the net
         logits = self._net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         self.train_acc.update(logits, y)
@@ -100,7 +115,7 @@ class LitClassifier(L.LightningModule):
         self.log("train_loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
         self._lrs.append((self.global_step, self.optimizers().param_groups[0]["lr"]))  # a Python float
-        return loss
+        return loss + extra
 
     def _flush_lrs(self) -> None:
         """The per-step learning rates, to the loggers at epoch ends and checkpoints (logging them
@@ -136,8 +151,9 @@ class LitClassifier(L.LightningModule):
 
     def _param_groups(self) -> list[dict]:
         hp = self.cfg
-        norm_ids = {id(p) for m in self.net.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
-        params = [p for p in self.net.parameters() if p.requires_grad]
+        nets = self._nets()  # the proxy, if any, by the same rules as the net
+        norm_ids = {id(p) for net in nets for m in net.modules() if isinstance(m, NORM_TYPES) for p in m.parameters()}
+        params = [p for net in nets for p in net.parameters() if p.requires_grad]
         filters = [p for p in params if p.ndim == 4 and id(p) not in norm_ids] if hp.muon_lr else []
         not_other = norm_ids | {id(p) for p in filters}
         other = [p for p in params if id(p) not in not_other]
@@ -186,8 +202,9 @@ class LitClassifier(L.LightningModule):
         # The whitening stem's bias trains for its first epochs only. On one device the net then
         # detaches it, which also spares backward block1's full-resolution input gradient. Under DDP the
         # set of trained parameters must stay fixed: the gradient is computed and dropped instead.
-        if hasattr(self.net, "stem_bias_trains"):
-            self.net.stem_bias_trains = self._stem_bias_trains() or self.trainer.world_size > 1
+        for net in self._nets():
+            if hasattr(net, "stem_bias_trains"):
+                net.stem_bias_trains = self._stem_bias_trains() or self.trainer.world_size > 1
 
     def on_train_epoch_end(self):
         self._flush_lrs()
@@ -198,10 +215,14 @@ class LitClassifier(L.LightningModule):
     def _stem_bias_trains(self) -> bool:
         return self.current_epoch < self.cfg.whiten_bias_epochs
 
+    def _nets(self) -> list[nn.Module]:
+        return [self.net] + ([self.proxy] if self.proxy is not None else [])
+
     def on_before_optimizer_step(self, optimizer):
-        stem = getattr(self.net, "whiten", None)
-        if stem is not None and stem.bias is not None and not self._stem_bias_trains():
-            stem.bias.grad = None  # SGD skips it: no step, no weight decay
+        for net in self._nets():
+            stem = getattr(net, "whiten", None)
+            if stem is not None and stem.bias is not None and not self._stem_bias_trains():
+                stem.bias.grad = None  # SGD skips it: no step, no weight decay
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

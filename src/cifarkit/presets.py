@@ -93,6 +93,10 @@ class TrainConfig:
     lookahead_power: float = setting(3.0, "the decay is scaled by (step / total) ** power: early on "
                                           "the weights are followed, late they are averaged")
     whiten_bias_epochs: int = setting(0, "epochs the whitening stem's bias trains (fast net)")
+    proxy_keep: float = setting(0.0, "train the net on this hardest share of each batch, ranked by the loss of a "
+                                     "small proxy net trained beside it (0: off; e.g. 0.5 with twice the batch)")
+    proxy_widths: list = setting(help="channels of the proxy net's three conv groups (fast net)",
+                                 factory=lambda: [32, 64, 64], flag=False)
     tta: int = setting(0, "test-time views: 0 none, 1 +mirror, 2 +mirror +1-px shifts", choices=(0, 1, 2))
     tta_threshold: float = setting(1.0, "extra test-time views only where the plain top probability is "
                                         "below this (1: every image)")

@@ -73,12 +73,13 @@ def build_datamodule(cfg: TrainConfig) -> CIFARDataModule:
 
 
 def build_module(cfg: TrainConfig, dm: CIFARDataModule) -> LitClassifier:
-    net = build_model(cfg.model, len(dm.classes), **cfg.model_kwargs)
-    if hasattr(net, "init_from_data"):  # data-dependent init (the whitening stem)
-        net.init_from_data(dm.sample_images(5000))
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return LitClassifier(net, len(dm.classes), cfg)
+    def build(**kwargs):
+        net = build_model(cfg.model, len(dm.classes), **{**cfg.model_kwargs, **kwargs})
+        if hasattr(net, "init_from_data"):  # data-dependent init (the whitening stem)
+            net.init_from_data(dm.sample_images(5000))
+        return net.to(memory_format=torch.channels_last) if cfg.channels_last else net
+    proxy = build(widths=cfg.proxy_widths) if cfg.proxy_keep else None
+    return LitClassifier(build(), len(dm.classes), cfg, proxy)
 
 
 def trainer_kwargs(cfg: TrainConfig) -> dict:
@@ -121,6 +122,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.ckpt_every_steps < 0 or cfg.num_nodes < 1:
         raise CifarkitError("--ckpt-every-steps must be >= 0 and --num-nodes >= 1")
     _check_tta_threshold(cfg.tta_threshold, "tta_threshold")
+    if cfg.proxy_keep and (cfg.model != "fast" or not 0 < cfg.proxy_keep < 1):
+        raise CifarkitError(f"--proxy-keep must be in (0, 1) and needs the fast net (its proxy is a narrow copy), "
+                            f"got {cfg.proxy_keep} with model '{cfg.model}'")
     if cfg.time_budget:
         parse_budget(cfg.time_budget)
         if cfg.devices not in ("auto", 1, [0]) or cfg.num_nodes > 1 or cfg.strategy not in ("auto", "single_device"):
