@@ -96,4 +96,8 @@ def test_a_real_run_finishes_within_its_budget(tmp_path, cifar_path):
     assert res["time_budget"] == 60 and res["plan"]["epochs"] > 1 and res["steps"] >= res["plan"]["total_steps"] - 1
     cfg = (out / "config.yaml").read_text()
     assert "time_budget: 60s" in cfg and "total_steps:" in cfg
+    from cifarkit.report import _settings
+    from cifarkit.rundir import RunDir
+    shown = dict(_settings(RunDir(out)))                 # the report's results table shows the plan
+    assert shown["time budget"].startswith("1m00s: ") and "images/s at 32 px" in shown["time budget"]
     print(f"60 s budget: {res['seconds']} s in fit, {wall:.0f} s wall-clock, plan {res['plan']['epochs']:.2f} epochs")

@@ -117,15 +117,18 @@ class DiracConv(nn.Conv2d):
         nn.init.dirac_(self.weight.data[:c_in])
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
 class ConvGroup(nn.Module):
-    def __init__(self, c_in: int, c_out: int, bn_momentum: float):
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float, act: str = "gelu"):
         super().__init__()
         self.conv1 = DiracConv(c_in, c_out)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = FrozenScaleBatchNorm(c_out, bn_momentum)
         self.conv2 = DiracConv(c_out, c_out)
         self.norm2 = FrozenScaleBatchNorm(c_out, bn_momentum)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
 
     def forward(self, x):
         x = self.act(self.norm1(self.pool(self.conv1(x))))
@@ -137,16 +140,18 @@ class FastNet(nn.Module):
     cam_layers = ("block1", "block2", "block3")
 
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256),
-                 bn_momentum: float = 0.4, head_scale: float = 1 / 9, whiten_eps: float = 5e-4):
+                 bn_momentum: float = 0.4, head_scale: float = 1 / 9, whiten_eps: float = 5e-4, act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise CifarkitError(f"unknown activation '{act}'; choose one of: {', '.join(ACTIVATIONS)}")
         self.whiten_eps = whiten_eps
         self.whiten = nn.Conv2d(3, 24, 2, bias=True)  # 2x2 patches: 12 eigen-directions, +/- each
         self.whiten.weight.requires_grad_(False)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         w1, w2, w3 = widths
-        self.block1 = ConvGroup(24, w1, bn_momentum)  # (B, w1, 15, 15)
-        self.block2 = ConvGroup(w1, w2, bn_momentum)  # (B, w2, 7, 7)
-        self.block3 = ConvGroup(w2, w3, bn_momentum)  # (B, w3, 3, 3)
+        self.block1 = ConvGroup(24, w1, bn_momentum, act)  # (B, w1, 15, 15)
+        self.block2 = ConvGroup(w1, w2, bn_momentum, act)  # (B, w2, 7, 7)
+        self.block3 = ConvGroup(w2, w3, bn_momentum, act)  # (B, w3, 3, 3)
         self.pool = nn.AdaptiveMaxPool2d(1)  # (B, w3, 3, 3) -> (B, w3, 1, 1); any input size (low-res epochs)
         self.fc = nn.Linear(w3, num_classes, bias=False)
         self.head_scale = head_scale

@@ -185,6 +185,7 @@ FAST = dict(
         bn_momentum=0.4,             # BatchNorm running statistics: running = 0.6 running + 0.4 batch
         head_scale=1 / 9,            # the logits are the linear head's output times this
         whiten_eps=5e-4,             # added to the 2x2-patch covariance's eigenvalues (whitening stem)
+        act="gelu",                  # activation after the stem and every BatchNorm
     ),
     val_size=0,                      # all 50,000 training images, as airbench94 (--val-size 5000 for curves)
     augment=dict(flip="alternate",   # each image mirrored every other epoch

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import analysis, calibration, explain, label_issues, plots, robustness
+from .budget import format_seconds
 from .console import log, progress
 from .errors import CifarkitError
 from .rundir import RunDir
@@ -231,6 +232,12 @@ def _settings(run: RunDir) -> list[tuple[str, str]]:
         v = shown.get(k)
         if v is not None:
             rows.append((k, f"{v:.4f}" if isinstance(v, float) and k.startswith("test") else str(v)))
+    if res.plan:  # --time-budget: what it planned from the measured speed
+        p = res.plan
+        speed = ", ".join(f"{v:,.0f} images/s at {k} px" for k, v in sorted(p["images_per_second"].items()))
+        replanned = f"; re-planned: {p['replanned'][-1][3]}" if p.get("replanned") else ""
+        rows.append(("time budget", f"{format_seconds(p['budget'])}: {p['epochs']:.2f} epochs, {p['total_steps']:,} "
+                                    f"steps planned from {speed}; predicted {p['predicted_seconds']:.0f} s{replanned}"))
     return rows
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from .models import build_model
 
-SKIP = (nn.ReLU, nn.GELU, nn.Identity, nn.Sequential)  # no parameters, no new shape: not listed
+SKIP = (nn.ReLU, nn.GELU, nn.SiLU, nn.Identity, nn.Sequential)  # no parameters, no new shape: not listed
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)  # no parameters, new shape
 
 
