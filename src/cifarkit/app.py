@@ -211,11 +211,11 @@ class _CacheCleaner:
     request threads add to it: the first "Set changed size during iteration" ends its task for good
     and nothing is deleted after that (minutes into steady traffic). It also leaves the folder each
     upload sat in (named by the content's hash): one empty folder per new image, forever. This does
-    the same walk over snapshots, and removes a folder of Gradio's cache once it is empty and untouched
-    for `age` (never our own answers' folder, `keep`)."""
+    the same walk over snapshots, and removes a folder of Gradio's cache when its last file goes
+    (never our own answers' folder, `keep`)."""
 
     def __init__(self, demo, every: int, age: int, keep: Path):
-        self.demo, self.every, self.age, self.keep = demo, every, age, keep
+        self.demo, self.every, self.age, self.keep = demo, every, age, keep.resolve()
         self.folders: set[Path] = set()
 
     def _kept(self) -> set[str]:
@@ -225,30 +225,41 @@ class _CacheCleaner:
     def clean(self, age: float | None = None) -> None:
         age = self.age if age is None else age
         kept, now = self._kept(), time.time()
+        cache = Path(self.demo.GRADIO_CACHE).resolve()
         for files in list(self.demo.temp_file_sets):
             for f in list(files):               # a snapshot: request threads add to the set meanwhile
                 if f in kept:
                     continue
-                self.folders.add(Path(f).parent)
+                folder = Path(f).parent
                 try:
                     if now - os.lstat(f).st_ctime > age:   # ctime, as Gradio: a reused file is touched
                         os.remove(f)
                         files.discard(f)
+                        self._remove_if_empty(folder, cache)
+                    else:
+                        self.folders.add(folder)
                 except FileNotFoundError:
                     files.discard(f)
-        cache = Path(self.demo.GRADIO_CACHE).resolve()
-        for folder in list(self.folders):
+                    self._remove_if_empty(folder, cache)
+        for folder in list(self.folders):           # folders whose files went another way
             try:
-                if folder.resolve().parent != cache or folder == self.keep:
-                    self.folders.discard(folder)
-                elif now - folder.stat().st_mtime > age:
-                    folder.rmdir()                  # refuses a folder that is not empty
-                    self.folders.discard(folder)
+                if now - folder.stat().st_mtime > age:
+                    self._remove_if_empty(folder, cache)
             except FileNotFoundError:
                 self.folders.discard(folder)
-            except OSError:
-                pass                                # not empty yet
         _release_memory()
+
+    def _remove_if_empty(self, folder: Path, cache: Path) -> None:
+        """rmdir a folder directly in Gradio's cache (not our answers' folder) if it is empty."""
+        try:
+            real = folder.resolve()
+            if real != self.keep and real.parent == cache:
+                folder.rmdir()                      # refuses a folder that is not empty
+            self.folders.discard(folder)
+        except FileNotFoundError:
+            self.folders.discard(folder)
+        except OSError:
+            pass                                    # not empty
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app):
