@@ -266,7 +266,9 @@ def _member(tar, name, data=b"", **kw):
     tar.addfile(info, io.BytesIO(data))
 
 
-def test_archive_members_with_unsafe_names_or_links_are_skipped_and_nothing_is_written(tmp_path, capsys):
+def test_archive_members_with_unsafe_names_or_links_are_skipped_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+    import cifarkit.sources
+    monkeypatch.setattr(cifarkit.sources, "MAX_MEMBER_MB", 1)
     root = make_image_folder(tmp_path / "toy", n_train=2, n_test=1, classes=CLASSES[:2])
     png = (root / "train" / CLASSES[0] / "0000.png").read_bytes()
     tgz = tmp_path / "box" / "hostile.tar.gz"
@@ -278,11 +280,13 @@ def test_archive_members_with_unsafe_names_or_links_are_skipped_and_nothing_is_w
         _member(tar, f"toy/train/{CLASSES[0]}/link.png", type=tarfile.SYMTYPE, linkname="/etc/passwd")
         _member(tar, f"toy/train/{CLASSES[0]}/hard.png", type=tarfile.LNKTYPE, linkname="/etc/shadow")
         _member(tar, f"toy/train/{CLASSES[0]}/dev.png", type=tarfile.CHRTYPE, devmajor=1, devminor=5)
+        _member(tar, f"toy/train/{CLASSES[0]}/huge.png", bytes(2 * 2**20))   # over the (patched) 1 MB
     before = {p for p in tmp_path.rglob("*")}
     a = load_arrays(str(tgz))
     assert len(a.train_y) == 4 and len(a.test_y) == 2                 # only the tree's own images
     err = capsys.readouterr().err
-    assert "skipped 5 files" in err and "'..' in its path" in err and "absolute path" in err and "a link" in err
+    assert "skipped 6 files" in err and "'..' in its path" in err and "absolute path" in err and "a link" in err
+    assert "huge.png (over 1 MB)" in err
     assert {p for p in tmp_path.rglob("*")} == before                  # nothing extracted anywhere
     assert not Path("/tmp/abs").exists() and not (tmp_path / "evil.png").exists()
 

@@ -12,8 +12,8 @@ Sources may come from anywhere (folders scraped from the web), so the readers tr
 - folders are walked following symbolic links to folders once per real folder (a link that loops
   back is skipped and listed); only regular files are read (no fifos or devices);
 - archives are never extracted: members are read in memory, one after another; absolute or '..'
-  names, links, devices and the like are skipped and listed; reading stops with one line once the
-  archive expands past MAX_ARCHIVE_GB (CIFARKIT_MAX_ARCHIVE_GB raises it);
+  names, links, devices and members over MAX_MEMBER_MB are skipped and listed; reading stops with
+  one line once the archive expands past MAX_ARCHIVE_GB (CIFARKIT_MAX_ARCHIVE_GB raises it);
 - CIFAR's python batches are pickles: only dicts, lists and numpy arrays are rebuilt from them, so a
   batch that would run code is refused, not run.
 """
@@ -37,6 +37,7 @@ from .images import SIZE, SUFFIXES, UnreadableImage, open_image, rgb_array
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck")
 MAX_ARCHIVE_GB = 4.0   # GiB an archive may expand to (CIFAR-10 as JPEGs: ~0.1; as python batches: 0.2)
+MAX_MEMBER_MB = 256    # an archive member bigger than this is skipped unread (40 MP, 16-bit RGB: 240 MB)
 SHOWN = 5              # skipped files named in the notice
 SPLITS = ("train", "test")
 _PY_NAMES = {"batches.meta", "test_batch", "meta", "train", "test"} | {f"data_batch_{i}" for i in range(1, 6)}
@@ -235,6 +236,8 @@ def _read_tar(path: Path) -> Arrays:
                     raise _too_large(f"archive {path}", cap)
                 why = _unsafe(m.name) or (None if m.isfile() or m.isdir() else
                                           "a link" if m.issym() or m.islnk() else "not a regular file")
+                if not why and m.size > MAX_MEMBER_MB * 2**20:
+                    why = f"over {MAX_MEMBER_MB} MB"    # never read whole into memory
                 if why:
                     skipped.add(m.name, why)
                 elif m.isdir():
