@@ -148,7 +148,7 @@ def test_upload_limit_is_a_flag_of_cifarkit_app_in_gradio_units(monkeypatch, cap
     monkeypatch.undo()
     assert main(["app", str(tmp_path), "--max-file-size", "lots"]) == 2    # before any model is loaded
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--max-file-size 'lots' is not a size; give e.g. 20mb" in err[0]
+    assert len(err) == 1 and "max file size 'lots' is not a size; give e.g. 20mb" in err[0]
 
 
 def test_an_unexpected_failure_is_one_generic_line_in_the_page_naming_no_path():

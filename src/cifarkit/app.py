@@ -52,7 +52,8 @@ def file_size(size: str | int) -> int:
     """'20mb', '500kb', '1gb' or a number of bytes -> bytes; anything else is one line."""
     m = re.fullmatch(r"\s*(\d+)\s*(b|kb|mb|gb)?\s*", str(size).lower())
     if not m or int(m.group(1)) == 0:
-        raise CifarkitError(f"--max-file-size {size!r} is not a size; give e.g. 20mb, 500kb or 1gb")
+        raise CifarkitError(f"max file size {size!r} is not a size; give e.g. 20mb, 500kb or 1gb "
+                            "(--max-file-size, or MAX_FILE_SIZE in a Space's app.py)")
     return int(m.group(1)) * _UNITS[m.group(2) or "b"]
 
 
