@@ -42,7 +42,7 @@ test: setup browser
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-# The CPU benchmarks, one after another (about 2 hours on 2 cores); run alone on the machine.
+# The CPU benchmarks, one after another (about 2.5 hours on 2 cores); run alone on the machine.
 # Each prints its result; BENCHMARKS.md records them with the machine and date.
 bench: setup
 	$(BIN)/python bench/lightning_overhead.py --rounds 3
@@ -53,6 +53,7 @@ bench: setup
 	$(BIN)/python bench/tta_threshold.py runs/bench/fast-seed0 runs/bench/fast-seed1 runs/bench/fast-seed2
 	$(BIN)/python bench/predict_throughput.py runs/bench/fast-seed0 --n 2000 --repeat 3
 	$(BIN)/python bench/app_latency.py runs/bench/fast-seed0 --clients 50 --requests 4
+	$(BIN)/python bench/app_soak.py runs/bench/fast-seed0
 
 # On a machine with one recent NVIDIA GPU (no network needed): the prepared check, within 9 minutes:
 # the fast preset over 5 seeds, airbench94 and its Muon variant beside it (copies in .airbench/, see

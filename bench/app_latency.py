@@ -32,8 +32,7 @@ with socket.socket() as s:
     port = s.getsockname()[1]
 demo = launch(args.run_dir, port=port, prevent_thread_lock=True, quiet=True)
 url = f"http://127.0.0.1:{port}/"
-# One distinct image per client, as real users send: identical concurrent outputs would share one
-# file in Gradio's cache.
+# One distinct image per client, as real users send (identical requests are tested in tests/test_app.py).
 tmp = Path(tempfile.mkdtemp())
 rng = np.random.default_rng(0)
 base = np.asarray(Image.open(RunDir(args.run_dir).examples()[0]).convert("RGB"))

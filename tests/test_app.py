@@ -1,9 +1,18 @@
-"""The app: handlers called directly, then the served app driven with gradio_client."""
+"""The app: handlers called directly, then the served app driven with gradio_client and plain HTTP."""
+import http.client
+import re
+import select
+import socket
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from cifarkit import CifarkitError
+from cifarkit.cli import main
 from conftest import bad_images, free_port
 
 GOOD = ("rgb.jpg", "gray.png", "rgba.png", "palette.gif", "sixteen.png", "one.png")
@@ -134,8 +143,6 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(served, files, n
 
 
 def test_fifty_concurrent_clients_all_get_answers(served, files):
-    from concurrent.futures import ThreadPoolExecutor
-
     from gradio_client import Client, handle_file
     demo, _ = served
     url = f"http://127.0.0.1:{demo.server_port}/"
@@ -147,3 +154,202 @@ def test_fifty_concurrent_clients_all_get_answers(served, files):
     with ThreadPoolExecutor(50) as pool:
         answers = list(pool.map(one, range(50)))
     assert len(answers) == 50 and all(len(a["confidences"]) == 3 for a in answers)
+
+
+def test_upload_limit_is_a_flag_of_cifarkit_app_in_gradio_units(monkeypatch, capsys, tmp_path):
+    import cifarkit.app as app_module
+    from cifarkit.app import MAX_FILE_SIZE, file_size
+    assert file_size(MAX_FILE_SIZE) == 20 * 2**20 and file_size("500kb") == 500 * 2**10 and file_size(7) == 7
+    seen = {}
+    monkeypatch.setattr(app_module, "launch", lambda run_dir, **kw: seen.update(kw))
+    assert main(["app", str(tmp_path), "--max-file-size", "5mb"]) == 0 and seen["max_file_size"] == "5mb"
+    monkeypatch.undo()
+    assert main(["app", str(tmp_path), "--max-file-size", "lots"]) == 2    # before any model is loaded
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max file size 'lots' is not a size; give e.g. 20mb" in err[0]
+
+
+def test_an_unexpected_failure_is_one_generic_line_in_the_page_naming_no_path():
+    import gradio as gr
+
+    from cifarkit.app import _ui
+
+    def fails(path):
+        return open(path).read()                                         # FileNotFoundError names the path
+    with pytest.raises(gr.Error) as info:
+        _ui(fails)("/srv/secret/run/model.safetensors")
+    assert "/srv" not in info.value.message and "the server could not answer" in info.value.message
+
+
+def test_cache_cleaner_deletes_old_uploads_answers_and_their_folders_even_while_requests_add_files(tmp_path):
+    import threading
+    import time
+
+    import gradio as gr
+
+    from cifarkit.app import _CacheCleaner
+    with gr.Blocks() as demo:
+        out = gr.Image()
+    demo.GRADIO_CACHE = str(tmp_path)
+    answers = tmp_path / "cifarkit"
+    answers.mkdir()
+
+    def add(folder: str, name: str, keep=False) -> str:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        f = tmp_path / folder / name
+        f.write_bytes(b"x")
+        (out.keep_in_cache if keep else out.temp_files).add(str(f))
+        return str(f)
+    old, answer, example = add("a" * 64, "upload.png"), add("cifarkit", "gradcam-1.png"), add("e" * 64, "ex.png", True)
+    cleaner = _CacheCleaner(demo, every=1, age=1, keep=answers)
+    time.sleep(1.2)
+    new = add("b" * 64, "new.png")
+    stop = threading.Event()
+
+    def busy():                                  # request threads adding answers meanwhile
+        i = 0
+        while not stop.is_set():
+            add("c" * 64, f"{i}.png")
+            i += 1
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        for _ in range(20):
+            cleaner.clean()                          # Gradio's own delete_cache raises here, and stops
+    finally:
+        stop.set()
+        t.join()
+    assert not Path(old).exists() and not Path(answer).exists()
+    assert Path(new).exists() and Path(example).exists()
+    assert old not in out.temp_files and new in out.temp_files
+    assert not (tmp_path / ("a" * 64)).exists()              # the upload's folder went with it
+    assert answers.is_dir() and (tmp_path / ("e" * 64)).is_dir()  # our answers' folder and the examples' stay
+
+
+# -- the served app: what its file routes serve, uploads, identical concurrent requests -----------------
+
+
+def _get(port: int, path: str) -> int:
+    """Status of a GET sent as written (no client-side normalisation of '..')."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def _refused(reported_run, cifar_path) -> dict[str, str]:
+    run = Path(reported_run).resolve()
+    return {
+        "etc-passwd": "/etc/passwd",
+        "weights": str(run / "model.safetensors"),
+        "checkpoint": str(run / "checkpoints" / "last.ckpt"),
+        "config": str(run / "config.yaml"),
+        "dotdot": f"{tempfile_gradio()}/../../{run.relative_to('/')}/model.safetensors",
+        "dotdot-encoded": f"{tempfile_gradio()}/%2e%2e/%2e%2e/{run.relative_to('/')}/model.safetensors",
+        "training-data": str(cifar_path.resolve()),
+    }
+
+
+def tempfile_gradio() -> str:
+    from gradio.utils import get_upload_folder
+    return get_upload_folder()
+
+
+@pytest.mark.parametrize("what", ["etc-passwd", "weights", "checkpoint", "config", "dotdot", "dotdot-encoded",
+                                  "training-data"])
+def test_file_routes_refuse_anything_but_the_apps_own_display_files(served, reported_run, cifar_path, what):
+    demo, _ = served
+    path = _refused(reported_run, cifar_path)[what]
+    assert _get(demo.server_port, f"/gradio_api/file={path}") == 403
+    assert _get(demo.server_port, f"/file={path}") in (403, 404)
+
+
+def test_file_routes_serve_the_examples_and_figures_from_gradios_copies(served, reported_run):
+    demo, _ = served
+    config = urllib.request.urlopen(f"http://127.0.0.1:{demo.server_port}/config").read().decode()
+    urls = set(re.findall(r'"url":\s*"(http://127\.0\.0\.1:\d+/gradio_api/file=[^"]+)"', config))
+    names = {u.rsplit("/", 1)[-1] for u in urls}
+    assert {p.name for p in (reported_run / "examples").glob("*.png")} <= names and "curves.png" in names
+    assert str(Path(reported_run).resolve()) not in config                    # copies, not the run itself
+    assert all(urllib.request.urlopen(u).status == 200 for u in urls)
+
+
+def _upload(port: int, name: str, size: int) -> tuple[int, str]:
+    """POST an upload of `size` bytes to /gradio_api/upload; (status, body). A server that refuses
+    it answers before reading it all: stop sending as soon as the answer arrives, then read it."""
+    boundary = "cifarkit-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    body = head + b"\x89PNG" + bytes(size - 4) + f"\r\n--{boundary}--\r\n".encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    try:
+        sock.sendall((f"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+                      f"multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode())
+        for i in range(0, len(body), 2**16):
+            if select.select([sock], [], [], 0)[0]:
+                break                                   # the answer came before the whole body
+            try:
+                sock.sendall(body[i:i + 2**16])
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        sock.close()
+
+
+def test_uploads_over_the_limit_are_refused_before_they_are_stored(served, files):
+    from gradio_client import handle_file
+    demo, client = served
+    assert demo.max_file_size == 20 * 2**20
+    status, text = _upload(demo.server_port, "big-upload.png", 21 * 2**20)
+    assert status == 413 and "maximum allowed size" in text
+    assert not list(Path(tempfile_gradio()).rglob("big-upload.png"))    # nothing kept of it
+    status, text = _upload(demo.server_port, "small-upload.png", 2**20)  # under the limit: stored
+    assert status == 200 and "small-upload.png" in text
+    assert len(client.predict(handle_file(str(files["rgb.jpg"])), 3, api_name="/predict")["confidences"]) == 3
+
+
+def test_messages_in_the_page_name_only_the_uploaded_files_own_name(served, tmp_path):
+    from gradio_client import handle_file
+    _, client = served
+    secret = tmp_path / "private-folder" / "holiday.png"
+    secret.parent.mkdir()
+    secret.write_text("not an image")
+    with pytest.raises(Exception) as info:
+        client.predict(handle_file(str(secret)), 3, 0.5, "block3", "gradcam", api_name="/classify")
+    assert str(info.value) == "cannot read image holiday.png: not a known image format"
+    assert not re.search(r"/tmp|gradio|private-folder", str(info.value))
+
+
+def _open_all(path) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()                                                       # a cut-short file raises here
+        return np.asarray(im)
+
+
+def test_fifty_clients_sending_the_same_example_to_every_endpoint_get_complete_identical_answers(served, reported_run):
+    from gradio_client import Client, handle_file
+    demo, _ = served
+    url = f"http://127.0.0.1:{demo.server_port}/"
+    example = str(sorted((reported_run / "examples").glob("*.png"))[3])
+    calls = {
+        "classify": ((handle_file(example), 3, 0.5, "block3", "gradcam"), "/classify",
+                     lambda r: (r[0]["label"], _open_all(r[1]), _open_all(r[2]))),
+        "predict": ((handle_file(example), 3), "/predict", lambda r: r["label"]),
+        "mistakes": ((8, "any", "any"), "/mistakes", lambda r: [_open_all(x["image"]) for x in r]),
+        "gradcam_gallery": ((4, 0.5, "block3", "mistakes"), "/gradcam_gallery",
+                            lambda r: [_open_all(x["image"]) for x in r]),
+    }
+    with ThreadPoolExecutor(50) as pool:
+        clients = list(pool.map(lambda i: Client(url, verbose=False), range(50)))
+        for name, (args, api, read) in calls.items():               # all 50 on one endpoint at once
+            answers = list(pool.map(lambda c: read(c.predict(*args, api_name=api)), clients))
+            first = answers[0]
+            for a in answers[1:]:
+                assert len(a) == len(first), name
+                for x, y in zip(a, first):
+                    assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, name
+

@@ -78,3 +78,22 @@ def test_run_tab_shows_accuracy_and_figures(page, shots):
     page.get_by_text("Test accuracy", exact=False).first.wait_for(timeout=10_000)
     assert page.locator("img").count() >= 2
     page.screenshot(path=str(shots / "run.png"), full_page=True)
+
+
+def test_an_upload_over_the_size_limit_is_one_line_in_the_page_and_never_sent(page, tmp_path, shots):
+    big = tmp_path / "big-photo.png"
+    big.write_bytes(b"\x89PNG" + bytes(21 * 2**20))                    # over the 20 MB default
+    sent = []
+
+    def note(request):
+        if request.method == "POST" and "/upload" in request.url:
+            sent.append(request.url)
+    page.on("request", note)
+    page.get_by_role("tab", name="Classify").click()
+    page.locator("#input-image input[type=file]").set_input_files(str(big))
+    toast = page.get_by_text("exceed the maximum allowed size of 20.0 Mb", exact=False).first
+    toast.wait_for(timeout=30_000)
+    assert '"big-photo.png"' in toast.inner_text() and str(tmp_path) not in page.content()
+    page.screenshot(path=str(shots / "upload-too-large.png"), full_page=True)
+    page.remove_listener("request", note)
+    assert not sent                                                     # refused before a byte was sent

@@ -2,6 +2,7 @@ import io
 import os
 import pickle
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -178,3 +179,179 @@ def test_wrong_archive_is_a_clear_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cannot read archive" in err[0] and "not a .tar.gz" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile sources: folders and archives scraped from the web
+
+
+def _bomb_png(path: Path, width: int = 50_000, height: int = 50_000) -> Path:
+    """A PNG of a few bytes whose header claims width x height pixels (a decompression bomb)."""
+    import struct
+    import zlib
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "png")
+    raw = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(raw[24:29])
+    raw[16:29] = ihdr
+    raw[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _hostile_tree(root: Path) -> dict[str, int]:
+    """A small learnable tree plus every kind of hostile item; returns the images expected to load."""
+    make_image_folder(root, n_train=3, n_test=1, classes=CLASSES[:2])
+    cat = root / "train" / CLASSES[0]
+    Image.fromarray(np.full((30, 30), 60000, np.uint16)).save(cat / "sixteen.png")          # kept
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).convert("CMYK").save(cat / "cmyk.jpg")  # kept
+    _bomb_png(cat / "bomb.png")
+    (cat / "notes.txt").write_text("not an image")
+    (cat / "fake.png").write_text("not a png either")
+    (cat / "cut.jpg").write_bytes((root / "test" / CLASSES[0] / "0000.png").read_bytes()[:40])
+    os.mkfifo(cat / "fifo.png")                                    # reading it would block forever
+    (cat / "gone.png").symlink_to(root / "no-such-file.png")        # a broken link
+    (cat / "loop").symlink_to(root / "train")                       # a link back up the tree
+    outside = make_image_folder(root.parent / "elsewhere", n_train=2, n_test=0, classes=["bird"])
+    (root / "train" / "bird").symlink_to(outside / "train" / "bird")  # a linked class folder: followed
+    (root / "test" / "bird").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "test" / "bird" / "b.png")
+    return {"train": 2 * 3 + 2 + 2, "test": 2 + 1}
+
+
+def test_hostile_image_folder_trains_with_bad_files_skipped_and_listed_once(tmp_path, capsys):
+    root = tmp_path / "scraped"
+    expect = _hostile_tree(root)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(a=load_arrays(str(root))), daemon=True)
+    reader.start()
+    reader.join(120)
+    assert not reader.is_alive(), "the reader hung (on the fifo or the link loop)"
+    a = got["a"]
+    assert (len(a.train_y), len(a.test_y)) == (expect["train"], expect["test"])
+    assert a.classes == sorted([CLASSES[0], CLASSES[1], "bird"])
+    err = capsys.readouterr().err
+    notices = [line for line in err.splitlines() if "skipped" in line]
+    assert len(notices) == 1, err
+    # seven skipped, by name: the first five named with the reason, then a count
+    shown = ["bomb.png (over the 40,000,000-pixel limit)", "cut.jpg (", "fake.png (not a known image format)",
+             "fifo.png (not a regular file)", "gone.png (broken symbolic link)"]
+    assert notices[0].startswith("notice: skipped 7 files: train/") and notices[0].endswith("and 2 more")
+    assert all(f"train/{CLASSES[0]}/{s}" in notices[0] for s in shown), notices[0]
+    assert str(tmp_path) not in notices[0]                           # names relative to the tree
+    load_arrays(str(root))                                           # from the cache: no second notice
+    assert "skipped" not in capsys.readouterr().err
+
+
+def test_a_train_class_left_empty_stops_with_one_line_saying_what_to_fix(tmp_path):
+    root = make_image_folder(tmp_path / "t", n_train=2, n_test=1, classes=CLASSES[:2])
+    (root / "train" / "unicorn").mkdir()
+    with pytest.raises(CifarkitError, match="class folder train/unicorn has no readable image; add images to it or remove it"):
+        load_arrays(str(root))
+    (root / "train" / "unicorn" / "readme.txt").write_text("only text here")
+    _bomb_png(root / "train" / "unicorn" / "huge.png")
+    with pytest.raises(CifarkitError, match="train/unicorn has no readable image"):
+        load_arrays(str(root))
+
+
+def test_a_test_class_missing_from_train_or_no_test_image_stops_with_one_line(tmp_path):
+    root = make_image_folder(tmp_path / "t", n_train=2, n_test=1, classes=CLASSES[:2])
+    (root / "test" / "unicorn").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "test" / "unicorn" / "u.png")
+    with pytest.raises(CifarkitError, match=r"test classes \['unicorn'\] are not in train; add train images"):
+        load_arrays(str(root))
+    root2 = make_image_folder(tmp_path / "t2", n_train=2, n_test=0, classes=CLASSES[:2])
+    (root2 / "test" / CLASSES[0] / "x.txt").write_text("no image")
+    with pytest.raises(CifarkitError, match="no readable test image"):
+        load_arrays(str(root2))
+
+
+def _member(tar, name, data=b"", **kw):
+    info = tarfile.TarInfo(name)
+    for k, v in kw.items():
+        setattr(info, k, v)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_archive_members_with_unsafe_names_or_links_are_skipped_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+    import cifarkit.sources
+    monkeypatch.setattr(cifarkit.sources, "MAX_MEMBER_MB", 1)
+    root = make_image_folder(tmp_path / "toy", n_train=2, n_test=1, classes=CLASSES[:2])
+    png = (root / "train" / CLASSES[0] / "0000.png").read_bytes()
+    tgz = tmp_path / "box" / "hostile.tar.gz"
+    tgz.parent.mkdir()
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(root, arcname="toy")
+        _member(tar, f"toy/train/{CLASSES[0]}/../../../../evil.png", png)
+        _member(tar, f"/tmp/abs/train/{CLASSES[0]}/abs.png", png)
+        _member(tar, f"toy/train/{CLASSES[0]}/link.png", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+        _member(tar, f"toy/train/{CLASSES[0]}/hard.png", type=tarfile.LNKTYPE, linkname="/etc/shadow")
+        _member(tar, f"toy/train/{CLASSES[0]}/dev.png", type=tarfile.CHRTYPE, devmajor=1, devminor=5)
+        _member(tar, f"toy/train/{CLASSES[0]}/huge.png", bytes(2 * 2**20))   # over the (patched) 1 MB
+    before = {p for p in tmp_path.rglob("*")}
+    a = load_arrays(str(tgz))
+    assert len(a.train_y) == 4 and len(a.test_y) == 2                 # only the tree's own images
+    err = capsys.readouterr().err
+    assert "skipped 6 files" in err and "'..' in its path" in err and "absolute path" in err and "a link" in err
+    assert "huge.png (over 1 MB)" in err
+    assert {p for p in tmp_path.rglob("*")} == before                  # nothing extracted anywhere
+    assert not Path("/tmp/abs").exists() and not (tmp_path / "evil.png").exists()
+
+
+def test_archive_that_expands_past_the_cap_stops_with_one_line_naming_the_cap(tmp_path, monkeypatch):
+    tgz = tmp_path / "bomb.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        _member(tar, "bomb/train/cat/zeros.png", bytes(64 * 2**20))    # 64 MiB of zeros
+    assert tgz.stat().st_size < 2**20                                  # from a file under 1 MiB
+    monkeypatch.setenv("CIFARKIT_MAX_ARCHIVE_GB", "0.01")
+    with pytest.raises(CifarkitError, match=r"expands to more than 0.01 GiB.*CIFARKIT_MAX_ARCHIVE_GB=N") as info:
+        load_arrays(str(tgz))
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("CIFARKIT_MAX_ARCHIVE_GB", "lots")
+    with pytest.raises(CifarkitError, match="not a number of GiB"):
+        load_arrays(str(tgz))
+    monkeypatch.delenv("CIFARKIT_MAX_ARCHIVE_GB")
+    from cifarkit.sources import max_archive_bytes
+    assert max_archive_bytes() == 4 * 2**30
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_python_batch_that_would_run_code_is_refused_not_run(tmp_path):
+    tgz = _python_tarball(tmp_path / "cifar-10-python.tar.gz")
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(tgz) as src, tarfile.open(evil, "w:gz") as dst:
+        for m in src:
+            raw = src.extractfile(m).read()
+            if m.name.endswith("data_batch_1"):
+                raw = pickle.dumps({"data": _RunsCode(marker), "labels": []})
+            _member(dst, m.name, raw)
+    with pytest.raises(CifarkitError, match=r"data_batch_1 in .* is not a CIFAR python batch \(it would call .*system\)"):
+        load_arrays(str(evil))
+    assert not marker.exists()
+
+
+def test_a_refused_source_leaves_the_existing_good_cache_in_place(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "toy", n_train=2, n_test=1, classes=CLASSES[:2])
+    tgz = tmp_path / "kept.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(root, arcname="toy")
+    good = load_arrays(str(tgz))
+    cached = {p: p.read_bytes() for p in cache_dir().iterdir()}
+    assert len([p for p in cached if p.name.startswith("kept.tar.gz-")]) == 1
+    with tarfile.open(tgz, "w:gz") as tar:                             # the same path, now hostile
+        _member(tar, "toy/train/cat/zeros.png", bytes(32 * 2**20))
+    os.utime(tgz, (time.time() + 10, time.time() + 10))
+    monkeypatch.setenv("CIFARKIT_MAX_ARCHIVE_GB", "0.01")
+    with pytest.raises(CifarkitError, match="CIFARKIT_MAX_ARCHIVE_GB"):
+        load_arrays(str(tgz))
+    assert {p: p.read_bytes() for p in cache_dir().iterdir()} == cached  # nothing lost, nothing half-written
+    assert len(good.train_y) == 4

@@ -108,6 +108,21 @@ def test_over_the_pixel_limit_or_broken_is_one_line_naming_only_the_file(tmp_pat
         rgb_array(broken, name="upload.png")           # the app names the uploaded file by its own name
 
 
+def test_a_file_of_unknown_format_is_named_by_its_own_name_never_its_folder(tmp_path):
+    # Pillow's own message names the full path ("cannot identify image file '/tmp/gradio/...'"):
+    # an app would show the server's temporary folders to whoever uploaded it
+    text = tmp_path / "deep" / "folder" / "notes.png"
+    text.parent.mkdir(parents=True)
+    text.write_text("not an image")
+    for name, expect in ((None, "notes.png"), ("cat.png", "cat.png")):
+        with pytest.raises(CifarkitError) as info:
+            rgb_array(text, name=name)
+        assert str(info.value) == f"cannot read image {expect}: not a known image format"
+    with pytest.raises(CifarkitError) as info:
+        rgb_array(open(text, "rb"), name="cat.png")                # a file object: Pillow names its path too
+    assert str(tmp_path) not in str(info.value) and "deep" not in str(info.value)
+
+
 def test_a_batch_is_a_checked_array_or_a_list_converted(tmp_path):
     x = np.zeros((2, 32, 32, 3), np.uint8)
     assert rgb_batch(x) is x

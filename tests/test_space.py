@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -22,6 +24,9 @@ def test_space_folder_is_complete(reported_run, tmp_path):
     header = readme.split("---")[1]
     for key in ("sdk: gradio", "sdk_version:", "python_version:", "app_file: app.py"):
         assert key in header
+    app_py = (out / "app.py").read_text()
+    assert 'MAX_FILE_SIZE = "20mb"' in app_py and "serve_options(demo, max_file_size=MAX_FILE_SIZE)" in app_py
+    assert "allowed_paths" not in app_py                    # run/ (the weights) is never served
     reqs = (out / "requirements.txt").read_text().split()
     assert any(r.startswith("gradio==") for r in reqs) and any(r.startswith("torch==") for r in reqs)
     with pytest.raises(CifarkitError, match="not empty"):
@@ -57,6 +62,9 @@ def test_space_runs_in_a_fresh_venv_with_only_its_requirements(reported_run, tmp
         label, overlay, view = client.predict(handle_file(str(img)), 3, 0.5, "block3", "gradcam",
                                               api_name="/classify")
         assert len(label["confidences"]) == 3
+        weights = (out / "run" / "model.safetensors").resolve()
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/file={weights}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -3,15 +3,35 @@ and the run's own numbers. It needs only the run directory (weights, gallery.npz
 
 `build_app(run_dir)` returns the Blocks; `launch()` serves it (127.0.0.1 unless told otherwise,
 never a public share link). Every event has an api_name, so the app is also an API.
+
+Anyone who can reach it may send it anything, so (`serve_options`, used by `launch` and the Space):
+- no folder of the machine is served: Gradio serves the copies it made of the examples and figures
+  when the app was built, and its own uploads and answers; the run directory and the training data
+  are blocked outright (weights, checkpoints, config);
+- uploads over `max_file_size` are refused while they arrive, before anything is decoded;
+- each answer's images are PNG files of their own (see `_PngFiles`), and uploads and answers are
+  deleted `cache_seconds` after they were made, with the folders they leave (see `_CacheCleaner`),
+  so an app that runs for weeks keeps a bounded cache;
+- messages in the page name only the uploaded file's own name; an unexpected failure is one generic
+  line in the page and a traceback on the server.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
 import os
+import re
+import sys
 import threading
+import time
+import traceback
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import analysis, explain
 from .errors import CifarkitError
@@ -24,6 +44,24 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 VIEW_SIZE = 256   # the 32x32 input and its overlay are shown 8x larger (bicubic)
 KINDS = ("mistakes", "correct", "random")
 SHOW = ("all mistakes", "likely label errors")  # the Mistakes tab's filter (label issues: the report's)
+MAX_FILE_SIZE = "20mb"   # uploads over this are refused (`cifarkit app --max-file-size`)
+CACHE_SECONDS = 600      # uploads and answers are deleted from Gradio's cache after 10 minutes
+_UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30}   # as Gradio counts them
+
+
+def file_size(size: str | int) -> int:
+    """'20mb', '500kb', '1gb' or a number of bytes -> bytes; anything else is one line."""
+    m = re.fullmatch(r"\s*(\d+)\s*(b|kb|mb|gb)?\s*", str(size).lower())
+    if not m or int(m.group(1)) == 0:
+        raise CifarkitError(f"max file size {size!r} is not a size; give e.g. 20mb, 500kb or 1gb "
+                            "(--max-file-size, or MAX_FILE_SIZE in a Space's app.py)")
+    return int(m.group(1)) * _UNITS[m.group(2) or "b"]
+
+
+def _own_name(name: str) -> str:
+    """A client-supplied file name without any folder part (a browser sends 'cat.png'; an API
+    client may send 'C:\\Users\\me\\cat.png' or '/home/me/cat.png')."""
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or "image"
 
 
 class RunApp:
@@ -50,8 +88,10 @@ class RunApp:
             raise CifarkitError("no image: upload, paste or pick an example first")
         name = None
         if isinstance(image, dict):
-            name = image.get("orig_name") or Path(image["path"]).name
+            name = _own_name(image.get("orig_name") or image["path"])
             image = image["path"]
+        if isinstance(image, (str, Path)) and not Path(image).is_file():  # e.g. deleted with the cache
+            raise CifarkitError(f"image {name or _own_name(str(image))} is no longer on the server; upload it again")
         return rgb_array(image, name)[None]
 
     def _top_k(self, probs: torch.Tensor, k) -> dict[str, float]:
@@ -129,7 +169,8 @@ class RunApp:
 
 
 def _ui(fn):
-    """Turn a user's mistake into a message in the UI (gr.Error), never a stack trace."""
+    """A user's mistake becomes its one-line message in the page (gr.Error); anything else becomes
+    one generic line there (it might name a path of the server) and a traceback on the server."""
     import gradio as gr
 
     def wrapped(*args):
@@ -137,16 +178,145 @@ def _ui(fn):
             return fn(*args)
         except CifarkitError as exc:
             raise gr.Error(str(exc)) from None
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            raise gr.Error("the server could not answer this request; try again or with another image") from None
     wrapped.__name__ = fn.__name__
     return wrapped
 
 
-def build_app(run_dir: str | Path):
+class _PngFiles:
+    """Answer images as PNG files with names of their own in Gradio's cache folder.
+
+    Given arrays, Gradio names each file by its content's hash and writes it in place: identical
+    answers sent at the same moment (the examples row) rewrite one shared file while other clients
+    download it, and those downloads come back cut short. A file of its own per answer is never
+    rewritten. Gradio serves it as its own (it lies in its cache); _CacheCleaner deletes it."""
+
+    def __init__(self, cache: str | Path):
+        self.folder = Path(cache) / "cifarkit"
+
+    def __call__(self, image: np.ndarray, kind: str) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{kind}-{uuid.uuid4().hex[:16]}.png"
+        Image.fromarray(image).save(path, format="png")
+        return str(path)
+
+
+def _release_memory() -> None:
+    """Hand freed heap memory back to the system. glibc keeps what a thread freed in that thread's
+    arena; with Gradio's pool of worker threads a busy app's resident memory climbed ~30 MB a minute
+    while no Python object grew (measured: bench/app_soak.py), and malloc_trim gives it back.
+    Nothing to do where there is no glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _CacheCleaner:
+    """Deletes this app's uploads and answers from Gradio's cache `age` seconds after they were
+    made, checking every `every` seconds, and the folders they leave; everything at shutdown. Each
+    pass also hands freed memory back to the system (`_release_memory`).
+
+    Gradio's own delete_cache does the first part, but (6.31) it walks each set of files while
+    request threads add to it: the first "Set changed size during iteration" ends its task for good
+    and nothing is deleted after that (minutes into steady traffic). It also leaves the folder each
+    upload sat in (named by the content's hash): one empty folder per new image, forever. This does
+    the same walk over snapshots, and removes a folder of Gradio's cache when its last file goes
+    (never our own answers' folder, `keep`)."""
+
+    def __init__(self, demo, every: int, age: int, keep: Path):
+        self.demo, self.every, self.age, self.keep = demo, every, age, keep.resolve()
+        self.folders: set[Path] = set()
+
+    def _kept(self) -> set[str]:
+        """The examples and figures (Gradio marks them keep_in_cache): never deleted."""
+        return {f for block in list(self.demo.blocks.values()) for f in getattr(block, "keep_in_cache", ())}
+
+    def clean(self, age: float | None = None) -> None:
+        age = self.age if age is None else age
+        kept, now = self._kept(), time.time()
+        cache = Path(self.demo.GRADIO_CACHE).resolve()
+        for files in list(self.demo.temp_file_sets):
+            for f in list(files):               # a snapshot: request threads add to the set meanwhile
+                if f in kept:
+                    continue
+                folder = Path(f).parent
+                try:
+                    if now - os.lstat(f).st_ctime > age:   # ctime, as Gradio: a reused file is touched
+                        os.remove(f)
+                        files.discard(f)
+                        self._remove_if_empty(folder, cache)
+                    else:
+                        self.folders.add(folder)
+                except FileNotFoundError:
+                    files.discard(f)
+                    self._remove_if_empty(folder, cache)
+        for folder in list(self.folders):           # folders whose files went another way
+            try:
+                if now - folder.stat().st_mtime > age:
+                    self._remove_if_empty(folder, cache)
+            except FileNotFoundError:
+                self.folders.discard(folder)
+        _release_memory()
+
+    def _remove_if_empty(self, folder: Path, cache: Path) -> None:
+        """rmdir a folder directly in Gradio's cache (not our answers' folder) if it is empty."""
+        try:
+            real = folder.resolve()
+            if real != self.keep and real.parent == cache:
+                folder.rmdir()                      # refuses a folder that is not empty
+            self.folders.discard(folder)
+        except FileNotFoundError:
+            self.folders.discard(folder)
+        except OSError:
+            pass                                    # not empty
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app):
+        async def loop():
+            while True:
+                await asyncio.sleep(self.every)
+                try:
+                    await asyncio.to_thread(self.clean)
+                except Exception:                   # one bad pass must not end the cleaning
+                    traceback.print_exc(file=sys.stderr)
+        task = asyncio.create_task(loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(Exception):
+                self.clean(age=-1)                  # at shutdown: everything but the kept files
+
+
+def _blocked(app: RunApp) -> list[str]:
+    """Folders no file route may serve from: the run directory and the training data."""
+    source, _ = app.run.data_source()
+    return [str(app.run.path.resolve())] + ([str(Path(source).resolve())] if source and os.path.isabs(source) else [])
+
+
+def build_app(run_dir: str | Path, cache_seconds: int = CACHE_SECONDS):
     import gradio as gr
     app = RunApp(run_dir)
     choices = ["any", *app.classes]
     fig = {n: app.run.report_dir / f"{n}.png" for n in ("curves", "confusion")}
-    with gr.Blocks(title="cifarkit") as demo:
+    with gr.Blocks(title="cifarkit") as demo:      # not delete_cache=: see _CacheCleaner
+        png = _PngFiles(demo.GRADIO_CACHE)
+        # uploads and answers older than cache_seconds go, checked every minute (or 5x per lifetime)
+        demo.cifarkit_cleaner = _CacheCleaner(demo, max(1, min(60, cache_seconds // 5)), cache_seconds, png.folder)
+
+        def classify(*args):
+            label, overlay, view = app.classify(*args)
+            return label, png(overlay, "gradcam"), png(view, "input")
+
+        def mistakes(*args):
+            return [(png(im, "mistake"), caption) for im, caption in app.mistakes(*args)]
+
+        def gradcam_gallery(*args):
+            return [(png(im, "gradcam"), caption) for im, caption in app.gradcam_gallery(*args)]
+
         gr.Markdown(f"# cifarkit: {app.model.meta.get('model', '')} on {len(app.classes)} classes\n{app.run_summary()}")
         with gr.Tab("Classify"):
             with gr.Row():
@@ -164,7 +334,7 @@ def build_app(run_dir: str | Path):
                     label = gr.Label(label="Prediction", elem_id="prediction")
                     cam = gr.Image(label="Grad-CAM", format="png", elem_id="overlay")
                     view = gr.Image(label="What the model sees (32x32, shown 8x)", format="png")
-            go.click(_ui(app.classify), [image, k, alpha, layer, method], [label, cam, view],
+            go.click(_ui(classify), [image, k, alpha, layer, method], [label, cam, view],
                      api_name="classify", preprocess=False)
             image.upload(_ui(app.predict), [image, k], label, api_name="predict", preprocess=False)
         with gr.Tab("Mistakes"):
@@ -175,7 +345,7 @@ def build_app(run_dir: str | Path):
                 only = gr.Radio(list(SHOW), value=SHOW[0], label="Show", elem_id="mistakes-filter")
             show = gr.Button("Show mistakes", elem_id="show-mistakes")
             gallery = gr.Gallery(label="Misclassified test images", columns=4, format="png", elem_id="mistakes")
-            show.click(_ui(app.mistakes), [n, true_c, pred_c, only], gallery, api_name="mistakes")
+            show.click(_ui(mistakes), [n, true_c, pred_c, only], gallery, api_name="mistakes")
         with gr.Tab("Grad-CAM gallery"):
             with gr.Row():
                 gn = gr.Slider(1, 50, value=10, step=1, label="How many")
@@ -184,7 +354,7 @@ def build_app(run_dir: str | Path):
                 which = gr.Radio(list(KINDS), value="mistakes", label="Images")
             gshow = gr.Button("Show Grad-CAM", elem_id="show-gradcam")
             ggallery = gr.Gallery(label="Grad-CAM overlays", columns=4, format="png", elem_id="gradcam-gallery")
-            gshow.click(_ui(app.gradcam_gallery), [gn, galpha, glayer, which], ggallery, api_name="gradcam_gallery")
+            gshow.click(_ui(gradcam_gallery), [gn, galpha, glayer, which], ggallery, api_name="gradcam_gallery")
         with gr.Tab("Run"):
             gr.Markdown(app.run_summary(), elem_id="run-summary")
             for name, path in fig.items():
@@ -193,14 +363,23 @@ def build_app(run_dir: str | Path):
             summary_btn = gr.Button("Refresh", visible=False)
             summary_btn.click(app.run_summary, None, gr.Markdown(visible=False), api_name="run_summary")
     demo.queue(default_concurrency_limit=2, max_size=256)
-    demo.cifarkit_allowed = [str(app.run.path.resolve())]
+    demo.cifarkit_blocked = _blocked(app)
     return demo
 
 
-def launch(run_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, **kwargs):
+def serve_options(demo, max_file_size: str | int = MAX_FILE_SIZE) -> dict:
+    """What demo.launch needs to serve only what it should (the module docstring): `launch` and
+    the Space's app.py both use it."""
+    return dict(allowed_paths=[], blocked_paths=demo.cifarkit_blocked, max_file_size=file_size(max_file_size),
+                show_error=False, app_kwargs={"lifespan": demo.cifarkit_cleaner.lifespan})
+
+
+def launch(run_dir: str | Path, host: str = "127.0.0.1", port: int | None = None,
+           max_file_size: str | int = MAX_FILE_SIZE, cache_seconds: int = CACHE_SECONDS, **kwargs):
     """Serve the app; binds loopback by default and never creates a public share link."""
     import gradio as gr
-    demo = build_app(run_dir)
-    demo.launch(server_name=host, server_port=port, share=False, show_error=True,
-                allowed_paths=demo.cifarkit_allowed, theme=gr.themes.Soft(), **kwargs)
+    file_size(max_file_size)  # a wrong size is one line before the model loads
+    demo = build_app(run_dir, cache_seconds)
+    demo.launch(server_name=host, server_port=port, share=False, theme=gr.themes.Soft(),
+                **serve_options(demo, max_file_size), **kwargs)
     return demo

@@ -237,7 +237,8 @@ def cmd_export(args):
 
 def cmd_app(args):
     from .app import launch
-    launch(args.run_dir, host=args.host, port=args.port)
+    size = {"max_file_size": args.max_file_size} if args.max_file_size else {}  # else app.MAX_FILE_SIZE
+    launch(args.run_dir, host=args.host, port=args.port, **size)
 
 
 def cmd_export_space(args):
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-file-size",
+                   help="uploads over this are refused before they are decoded (default 20mb; e.g. 500kb, 1gb)")
     p.set_defaults(func=cmd_app)
 
     p = command("export-space", help="write a self-contained Hugging Face Space folder")

@@ -13,6 +13,7 @@ The dataset decoder (sources.py), `predict`, `gradcam`, the app and `load().prob
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,16 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
                   Image.DecompressionBombError)
+# a folder part of a path ('/tmp/gradio/ab12/' or 'C:\\Users\\me\\'): error messages keep only the file's name
+_FOLDERS = re.compile(r"(?:[A-Za-z]:)?[\\/](?:[^\\/\s'\"<>]+[\\/])+")
+
+
+class UnreadableImage(CifarkitError):
+    """An image that cannot be used; `reason` says why without naming the file (for skip lists)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _name(source) -> str:
@@ -34,9 +45,18 @@ def _name(source) -> str:
     return Path(source).name if isinstance(source, (str, Path)) else "image"
 
 
-def _too_big(name: str, width: int, height: int) -> CifarkitError:
-    return CifarkitError(f"image {name} is {width}x{height}: over the {MAX_PIXELS:,}-pixel limit; "
-                         "downscale it first")
+def _too_big(name: str, width: int, height: int) -> UnreadableImage:
+    reason = f"{width}x{height}: over the {MAX_PIXELS:,}-pixel limit"
+    return UnreadableImage(f"image {name} is {reason}; downscale it first", reason)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of a decoder's complaint, with no folder of this machine in it (Pillow puts
+    the full path of the file in some messages, e.g. 'cannot identify image file /tmp/...')."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a known image format"
+    text = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+    return _FOLDERS.sub("", text)
 
 
 def open_image(source, name: str | None = None) -> Image.Image:
@@ -56,12 +76,13 @@ def open_image(source, name: str | None = None) -> Image.Image:
         img.load()
         return img
     except FileNotFoundError:
-        raise CifarkitError(f"no such image: {name}") from None
+        raise UnreadableImage(f"no such image: {name}", "no such file") from None
     except Image.DecompressionBombError:
-        raise CifarkitError(f"image {name} is over the {MAX_PIXELS:,}-pixel limit; downscale it first") from None
+        reason = f"over the {MAX_PIXELS:,}-pixel limit"
+        raise UnreadableImage(f"image {name} is {reason}; downscale it first", reason) from None
     except _DECODE_ERRORS as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CifarkitError(f"cannot read image {name}: {reason}") from None
+        reason = _reason(exc)
+        raise UnreadableImage(f"cannot read image {name}: {reason}", reason) from None
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
@@ -87,7 +108,8 @@ def to_rgb(img: Image.Image, name: str = "image", size: int = SIZE) -> Image.Ima
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         img = img.convert("RGB")
     except (ValueError, OSError) as exc:  # e.g. a colour mode Pillow cannot convert
-        raise CifarkitError(f"cannot read image {name}: {str(exc).splitlines()[0]}") from None
+        reason = _reason(exc)
+        raise UnreadableImage(f"cannot read image {name}: {reason}", reason) from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
     return img

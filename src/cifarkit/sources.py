@@ -3,6 +3,19 @@
 A source (python tarball or folder, ImageFolder tree or .tar.gz of one, or torchvision's download)
 is decoded once into uint8 arrays (N, 32, 32, 3) + labels, cached, checksummed, and rebuilt when the
 source or the cache format changes.
+
+Sources may come from anywhere (folders scraped from the web), so the readers trust nothing:
+- a file that is not an image, cannot be decoded, or is over the pixel limit (images.MAX_PIXELS, as
+  for uploads) is skipped; the skipped files are counted and the first few named, once, on stderr;
+- what makes the dataset meaningless stops with one line: a train class folder with no readable
+  image, a test class that is not in train, nothing readable at all;
+- folders are walked following symbolic links to folders once per real folder (a link that loops
+  back is skipped and listed); only regular files are read (no fifos or devices);
+- archives are never extracted: members are read in memory, one after another; absolute or '..'
+  names, links, devices and members over MAX_MEMBER_MB are skipped and listed; reading stops with
+  one line once the archive expands past MAX_ARCHIVE_GB (CIFARKIT_MAX_ARCHIVE_GB raises it);
+- CIFAR's python batches are pickles: only dicts, lists and numpy arrays are rebuilt from them, so a
+  batch that would run code is refused, not run.
 """
 from __future__ import annotations
 
@@ -10,17 +23,30 @@ import hashlib
 import io
 import os
 import pickle
-import sys
 import tarfile
+import zlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .console import log, progress
 from .errors import CifarkitError
-from .images import SIZE, SUFFIXES, open_image, rgb_array
+from .images import SIZE, SUFFIXES, UnreadableImage, open_image, rgb_array
+
+_bar: ContextVar = ContextVar("decoding_bar", default=None)  # read_source's progress bar
+
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck")
+MAX_ARCHIVE_GB = 4.0   # GiB an archive may expand to (CIFAR-10 as JPEGs: ~0.1; as python batches: 0.2)
+MAX_MEMBER_MB = 256    # an archive member bigger than this is skipped unread (40 MP, 16-bit RGB: 240 MB)
+SHOWN = 5              # skipped files named in the notice
+SPLITS = ("train", "test")
+_PY_NAMES = {"batches.meta", "test_batch", "meta", "train", "test"} | {f"data_batch_{i}" for i in range(1, 6)}
+# what CIFAR's python batches hold: numpy arrays (and scalars) inside plain dicts and lists
+_PICKLE_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                   for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
 
 @dataclass
@@ -34,113 +60,279 @@ class Arrays:
     source: str
 
 
+def max_archive_bytes() -> int:
+    raw = os.environ.get("CIFARKIT_MAX_ARCHIVE_GB")
+    try:
+        gib = float(raw) if raw else MAX_ARCHIVE_GB
+    except ValueError:
+        raise CifarkitError(f"CIFARKIT_MAX_ARCHIVE_GB={raw!r} is not a number of GiB; set it to e.g. 8") from None
+    return int(gib * 2**30)
+
+
+def _too_large(source, cap: int) -> CifarkitError:
+    return CifarkitError(f"{source} expands to more than {cap / 2**30:g} GiB, the cap on what an archive may "
+                         "expand to; if you trust it, raise the cap with CIFARKIT_MAX_ARCHIVE_GB=N")
+
+
+class Skipped:
+    """Files a reader left out and why; `notice()` prints a count and the first few, once."""
+
+    def __init__(self):
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, name: str, why: str) -> None:
+        self.items.append((name, why))
+
+    def notice(self) -> None:
+        if self.items:
+            self.items.sort()
+            first = ", ".join(f"{n} ({why})" for n, why in self.items[:SHOWN])
+            more = f", and {len(self.items) - SHOWN} more" if len(self.items) > SHOWN else ""
+            log.warning(f"notice: skipped {len(self.items)} files: {first}{more}")
+            self.items.clear()
+
+
 # ---------------------------------------------------------------------------------------------
-# Readers: each returns Arrays from one kind of source
+# CIFAR's python batches
 
 
-def _unpickle(raw: bytes) -> dict:
-    return pickle.loads(raw, encoding="latin1")
+class _BatchUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it would call {module}.{name}")
+
+
+def _unpickle(raw: bytes, name: str, source: str) -> dict:
+    try:
+        d = _BatchUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        if not isinstance(d, dict):
+            raise pickle.UnpicklingError("it holds no dict")
+        return d
+    except Exception as exc:  # UnpicklingError, EOFError, ValueError...: not a batch we can trust
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CifarkitError(f"{name} in {source} is not a CIFAR python batch ({reason}); it was not "
+                            "loaded: get the dataset from its official source") from None
 
 
 def _python_batches(files: dict[str, bytes], source: str) -> Arrays:
     """CIFAR-10 / CIFAR-100 'python version' batches, by file name -> raw bytes."""
-    def rows(d):
-        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, SIZE, SIZE).transpose(0, 2, 3, 1)
-        y = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
+    def rows(name):
+        d = _unpickle(files[name], name, source)
+        try:
+            x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, SIZE, SIZE).transpose(0, 2, 3, 1)
+            y = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CifarkitError(f"{name} in {source} is not a CIFAR python batch ({type(exc).__name__}); "
+                                "get the dataset from its official source") from None
         return x, y
 
-    if "batches.meta" in files:  # CIFAR-10
-        classes = _unpickle(files["batches.meta"])["label_names"]
-        train = [rows(_unpickle(files[f"data_batch_{i}"])) for i in range(1, 6)]
-        test = rows(_unpickle(files["test_batch"]))
-    else:  # CIFAR-100
-        classes = _unpickle(files["meta"])["fine_label_names"]
-        train, test = [rows(_unpickle(files["train"]))], rows(_unpickle(files["test"]))
+    try:
+        if "batches.meta" in files:  # CIFAR-10
+            classes = _unpickle(files["batches.meta"], "batches.meta", source)["label_names"]
+            train = [rows(f"data_batch_{i}") for i in range(1, 6)]
+            test = rows("test_batch")
+        else:  # CIFAR-100
+            classes = _unpickle(files["meta"], "meta", source)["fine_label_names"]
+            train, test = [rows("train")], rows("test")
+    except KeyError as exc:
+        raise CifarkitError(f"{source} lacks {exc.args[0]} of CIFAR's python batches; download it again") from None
     return Arrays(np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]),
-                  test[0], test[1], list(classes), source)
+                  test[0], test[1], [str(c) for c in classes], source)
 
 
-_PY_NAMES = {"batches.meta", "test_batch", "meta", "train", "test"} | {f"data_batch_{i}" for i in range(1, 6)}
+# ---------------------------------------------------------------------------------------------
+# ImageFolder trees: <root>/{train,test}/<class>/<file>, from a folder or an archive
 
 
-def _decode(raw: bytes, name: str, notices: list) -> np.ndarray:
-    """images.rgb_array, the conversion inference uses too; other sizes are noted for a notice."""
-    img = open_image(io.BytesIO(raw), name)
-    if img.size != (SIZE, SIZE):
-        notices.append(name)
-    return rgb_array(img, name)
+def _place(rel: str, depth: int) -> tuple[str, str] | None:
+    """(split, class) of a path `depth` levels below a split folder (2: a file, 1: a class folder)."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    for i, part in enumerate(parts[:-depth]):
+        if part in SPLITS and len(parts) - i == depth + 1:
+            return part, parts[i + 1]
+    return None
 
 
-def _image_folder(entries: list[tuple[str, bytes]], source: str) -> Arrays:
-    """(relative path, bytes) pairs of a tree <root>/{train,test}/<class>/<file>."""
-    split_items: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
-    for rel, raw in entries:
-        parts = Path(rel).parts
-        for i, part in enumerate(parts[:-2]):
-            if part in split_items and len(parts) - i == 3:
-                split_items[part].append((parts[i + 1], rel, raw))
-                break
-    if not split_items["train"] or not split_items["test"]:
-        raise CifarkitError(f"{source} is not a dataset: expected <root>/train/<class>/<image> and "
-                            "<root>/test/<class>/<image>, or CIFAR's python batches")
-    classes = sorted({c for c, _, _ in split_items["train"]})
-    index = {c: i for i, c in enumerate(classes)}
-    notices: list[str] = []
-    out = []
-    for split in ("train", "test"):
-        items = sorted(split_items[split], key=lambda t: t[1])
-        unknown = {c for c, _, _ in items} - set(index)
+class _Tree:
+    """An ImageFolder tree decoded as its files arrive, with what was skipped and why."""
+
+    def __init__(self, source: str, skipped: Skipped):
+        self.source, self.skipped = source, skipped
+        self.bar = _bar.get()  # the "decoding" progress bar of read_source, if any
+        self.items: dict[str, list[tuple[str, str, np.ndarray]]] = {s: [] for s in SPLITS}
+        self.folders: dict[str, set[str]] = {s: set() for s in SPLITS}
+        self.resized: list[str] = []
+
+    def folder(self, rel: str) -> None:
+        placed = _place(rel, 1)
+        if placed:
+            self.folders[placed[0]].add(placed[1])
+
+    def add(self, rel: str, read) -> None:
+        """A file of the tree; `read()` gives its path or bytes, called only for an image."""
+        placed = _place(rel, 2)
+        if placed is None:
+            return                                  # outside the layout (a README at the root)
+        split, cls = placed
+        self.folders[split].add(cls)
+        if not rel.lower().endswith(SUFFIXES):
+            return self.skipped.add(rel, "not an image")
+        try:
+            img = open_image(read(), rel)
+            if img.size != (SIZE, SIZE):
+                self.resized.append(rel)
+            self.items[split].append((rel, cls, rgb_array(img, rel)))
+        except UnreadableImage as exc:
+            self.skipped.add(rel, exc.reason)
+        if self.bar is not None:
+            self.bar.advance(1)
+
+    def arrays(self) -> Arrays:
+        self.skipped.notice()
+        src = self.source
+        if not self.folders["train"] or not self.folders["test"]:
+            raise CifarkitError(f"{src} is not a dataset: expected <root>/train/<class>/<image> and "
+                                "<root>/test/<class>/<image>, or CIFAR's python batches")
+        classes = sorted(self.folders["train"])
+        have = {c for _, c, _ in self.items["train"]}
+        empty = [c for c in classes if c not in have]
+        if empty:
+            raise CifarkitError(f"{src}: class folder train/{empty[0]} has no readable image"
+                                + (f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else "")
+                                + "; add images to it or remove it")
+        unknown = sorted({c for _, c, _ in self.items["test"]} - set(classes))
         if unknown:
-            raise CifarkitError(f"{source}: test classes {sorted(unknown)} are not in train")
-        x = np.stack([_decode(raw, rel, notices) for _, rel, raw in items])
-        y = np.array([index[c] for c, _, _ in items], dtype=np.int64)
-        out += [x, y]
-    if notices:
-        print(f"notice: resized {len(notices)} images to {SIZE}x{SIZE} (first: {notices[0]})",
-              file=sys.stderr)
-    return Arrays(*out, classes, source)
+            raise CifarkitError(f"{src}: test classes {unknown} are not in train; add train images for "
+                                "them or remove those test folders")
+        if not self.items["test"]:
+            raise CifarkitError(f"{src}: no readable test image; add images under test/<class>/")
+        if self.resized:
+            log.warning(f"notice: resized {len(self.resized)} images to {SIZE}x{SIZE} (first: {self.resized[0]})")
+        index = {c: i for i, c in enumerate(classes)}
+        out = []
+        for split in SPLITS:
+            items = sorted(self.items[split], key=lambda t: t[0])
+            out += [np.stack([a for _, _, a in items]), np.array([index[c] for _, c, _ in items], dtype=np.int64)]
+        return Arrays(*out, classes, src)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: each returns Arrays from one kind of source
+
+
+def _unsafe(name: str) -> str | None:
+    """Why an archive member's name may not be used, or None."""
+    if name.startswith("/") or "\\" in name or name[1:2] == ":":
+        return "absolute path"
+    if ".." in name.split("/"):
+        return "'..' in its path"
+    return None
 
 
 def _read_tar(path: Path) -> Arrays:
-    py: dict[str, bytes] = {}
-    images: list[tuple[str, bytes]] = []
+    """Members are read in memory as a stream (nothing is written to disk), checked one by one."""
+    cap, skipped = max_archive_bytes(), Skipped()
+    tree, py = _Tree(str(path), skipped), {}
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with tarfile.open(path, "r|*") as tar:
             for m in tar:
-                if not m.isfile():
-                    continue
-                name = Path(m.name).name
-                if name in _PY_NAMES:
-                    py[name] = tar.extractfile(m).read()
-                elif name.lower().endswith(SUFFIXES):
-                    images.append((m.name, tar.extractfile(m).read()))
-    except Exception as exc:  # TarError, EOFError, zlib.error, OSError: all mean a bad archive
+                if tar.offset > cap:                # offset: bytes expanded so far, this member included
+                    raise _too_large(f"archive {path}", cap)
+                why = _unsafe(m.name) or (None if m.isfile() or m.isdir() else
+                                          "a link" if m.issym() or m.islnk() else "not a regular file")
+                if not why and m.size > MAX_MEMBER_MB * 2**20:
+                    why = f"over {MAX_MEMBER_MB} MB"    # never read whole into memory
+                if why:
+                    skipped.add(m.name, why)
+                elif m.isdir():
+                    tree.folder(m.name)
+                elif m.name.rsplit("/", 1)[-1] in _PY_NAMES:
+                    py[m.name.rsplit("/", 1)[-1]] = tar.extractfile(m).read()
+                else:
+                    tree.add(m.name, lambda m=m: tar.extractfile(m).read())
+    except CifarkitError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:  # all mean a bad archive
         reason = str(exc).splitlines()[0].rstrip(":")  # tarfile lists each compression it tried
         raise CifarkitError(f"cannot read archive {path}: {reason} (truncated or not a .tar.gz?); "
                             "download it again") from None
+    except Exception as exc:  # lzma/bz2 errors and the like
+        raise CifarkitError(f"cannot read archive {path}: {type(exc).__name__} (truncated or not a "
+                            ".tar.gz?); download it again") from None
     if "batches.meta" in py or {"meta", "train", "test"} <= set(py):
+        skipped.notice()
         return _python_batches(py, str(path))
-    return _image_folder(images, str(path))
+    return tree.arrays()
+
+
+def _walk(root: Path, skipped: Skipped):
+    """(relative path, path, is_folder) of what lies under root. Links to folders are followed once
+    per real folder, so a link that loops back (or a second link to a folder) is skipped and listed;
+    broken links, fifos, sockets and devices are skipped and listed."""
+    seen: set[tuple[int, int]] = set()
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            skipped.add(rel, "symbolic link to a folder already read (a loop?)")
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if rel:
+            yield rel, folder, True
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.add(rel or ".", f"cannot list it: {exc.strerror}")
+            continue
+        for e in entries:
+            r = f"{rel}/{e.name}" if rel else e.name
+            try:
+                if e.is_dir():
+                    stack.append((Path(e.path), r))
+                    continue
+                if e.is_file():
+                    yield r, Path(e.path), False
+                    continue
+            except OSError:
+                pass
+            skipped.add(r, "broken symbolic link" if e.is_symlink() and not os.path.exists(e.path)
+                        else "not a regular file")
 
 
 def _read_dir(path: Path) -> Arrays:
+    skipped = Skipped()
+    entries = list(_walk(path, skipped))
     for meta in ("batches.meta", "meta"):
-        hits = sorted(path.rglob(meta))
+        hits = [p for _, p, is_dir in entries if not is_dir and p.name == meta]
         if hits:
-            root = hits[0].parent
-            return _python_batches({f.name: f.read_bytes() for f in root.iterdir()
-                                    if f.name in _PY_NAMES}, str(path))
-    files = [f for f in sorted(path.rglob("*")) if f.suffix.lower() in SUFFIXES]
-    return _image_folder([(str(f.relative_to(path)), f.read_bytes()) for f in files], str(path))
+            files = [f for f in hits[0].parent.iterdir() if f.name in _PY_NAMES and f.is_file()]
+            cap = max_archive_bytes()
+            if sum(f.stat().st_size for f in files) > cap:
+                raise _too_large(f"the python batches in {path}", cap)
+            skipped.notice()
+            return _python_batches({f.name: f.read_bytes() for f in files}, str(path))
+    tree = _Tree(str(path), skipped)
+    for rel, p, is_dir in entries:
+        if is_dir:
+            tree.folder(rel)
+        else:
+            tree.add(rel, lambda p=p: p)
+    return tree.arrays()
 
 
 def read_source(path: Path) -> Arrays:
     if not path.exists():
         raise CifarkitError(f"data path {path} does not exist; pass --data with a CIFAR tarball, "
                             "its extracted folder, or an ImageFolder tree (or .tar.gz of one)")
-    arrays = _read_dir(path) if path.is_dir() else _read_tar(path)
-    print(f"decoded {len(arrays.train_y)} train + {len(arrays.test_y)} test images from {path}",
-          file=sys.stderr)
+    with progress(f"decoding {path.name} (once: then cached)", None) as bar:
+        token = _bar.set(bar)
+        try:
+            arrays = _read_dir(path) if path.is_dir() else _read_tar(path)
+        finally:
+            _bar.reset(token)
+    log.info(f"decoded {len(arrays.train_y):,} train + {len(arrays.test_y):,} test images from {path}")
     return arrays
 
 
@@ -181,7 +373,7 @@ def _save_cache(file: Path, a: Arrays) -> None:
         os.replace(tmp, file)  # atomic: a killed write never leaves a half cache
     except OSError as exc:  # a cache is an optimization: a full disk must not stop training
         tmp.unlink(missing_ok=True)
-        print(f"notice: could not write the data cache {file}: {exc.strerror or exc}", file=sys.stderr)
+        log.warning(f"notice: could not write the data cache {file}: {exc.strerror or exc}")
 
 
 def _load_cache(file: Path) -> Arrays | None:
@@ -198,7 +390,7 @@ def _load_cache(file: Path) -> Arrays | None:
                 problem = "corrupt (checksum mismatch)"
     except Exception as exc:
         problem = f"unreadable ({type(exc).__name__})"
-    print(f"notice: data cache {file} is {problem}; decoding the source again", file=sys.stderr)
+    log.warning(f"notice: data cache {file} is {problem}; decoding the source again")
     return None
 
 

@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import __version__
+from .app import MAX_FILE_SIZE
 from .errors import CifarkitError
 from .rundir import RunDir
 from .weights import load
@@ -21,13 +22,17 @@ REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "safetensors", "matpl
 APP_PY = '''"""Hugging Face Space entry point: serves the bundled run with the cifarkit app."""
 from pathlib import Path
 
-from cifarkit.app import build_app
+from cifarkit.app import build_app, serve_options
+
+# Uploads over this size are refused while they arrive, before anything is decoded ("500kb", "1gb").
+MAX_FILE_SIZE = "{max_file_size}"
 
 demo = build_app(Path(__file__).parent / "run")
 
 if __name__ == "__main__":
-    # Spaces sets GRADIO_SERVER_NAME=0.0.0.0; locally this binds 127.0.0.1.
-    demo.launch(allowed_paths=demo.cifarkit_allowed, show_error=True)
+    # Spaces sets GRADIO_SERVER_NAME=0.0.0.0; locally this binds 127.0.0.1. Only the copies Gradio
+    # made of the examples and figures are served, never run/ (weights) itself.
+    demo.launch(**serve_options(demo, max_file_size=MAX_FILE_SIZE))
 '''
 
 
@@ -72,7 +77,7 @@ def export_space(run_dir: str | Path, out: str | Path) -> Path:
         pkg.mkdir()
         for name in APP_MODULES:
             shutil.copy(Path(__file__).with_name(f"{name}.py"), pkg / f"{name}.py")
-        (out / "app.py").write_text(APP_PY)
+        (out / "app.py").write_text(APP_PY.format(max_file_size=MAX_FILE_SIZE))
         (out / "requirements.txt").write_text("\n".join(_pinned(r) for r in REQUIREMENTS) + "\n")
         acc = model.meta.get("test_acc")
         (out / "README.md").write_text(_readme(model.meta["model"], f"{float(acc):.2%}" if acc else "not recorded",
