@@ -2,6 +2,7 @@
 and one tiny trained run for the commands that need weights."""
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -145,3 +146,16 @@ def bad_images(folder: Path) -> dict[str, Path]:
         cut.write_bytes(files[name].read_bytes()[: len(files[name].read_bytes()) // 2])
         files[cut.name] = cut
     return files
+
+
+@pytest.fixture
+def notices(caplog):
+    """cifarkit's own log lines since the last call, one per line: a library call logs its notices
+    to the "cifarkit" logger (the command line prints them on stderr)."""
+    caplog.set_level(logging.INFO, logger="cifarkit")
+
+    def read() -> str:
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("cifarkit")]
+        caplog.clear()
+        return "\n".join(lines)
+    return read

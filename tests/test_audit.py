@@ -19,10 +19,10 @@ def test_one_fold_is_refused_in_one_line_before_any_training(tiny_run, tmp_path,
     assert not (tmp_path / "a").exists()
 
 
-def test_out_of_fold_audit_finds_the_training_labels_flipped_on_purpose(toy_run, tmp_path, capsys):
+def test_out_of_fold_audit_finds_the_training_labels_flipped_on_purpose(toy_run, tmp_path, capsys, notices):
     out = tmp_path / "audit"
     result = audit(toy_run, 2, out)
-    err = capsys.readouterr().err
+    err = notices()
     assert "2 trainings" in err and "GPU job" in err
     # every training image the run used is predicted once, by the fold model that did not train on it
     assert len(result.indices) == 160 and len(result.folds) == 2

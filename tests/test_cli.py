@@ -110,19 +110,19 @@ def test_module_entry_point_runs_and_errors_cleanly():
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "resnet18_gn" in r.stderr
 
 
-def test_albumentations_with_the_fast_preset_trains_at_full_size_and_says_so(capsys):
+def test_albumentations_with_the_fast_preset_trains_at_full_size_and_says_so(notices):
     from cifarkit.cli import build_parser, config_from_args
     cfg = config_from_args(build_parser().parse_args(["train", "--preset", "fast", "--augment", "albumentations"]))
     assert cfg.augment["pipeline"] == "albumentations" and "low_res" not in cfg.augment
-    assert "no low-res epochs" in capsys.readouterr().err
+    assert "no low-res epochs" in notices()
     cfg = config_from_args(build_parser().parse_args(["train", "--preset", "fast"]))
     assert cfg.augment["low_res"] == 24 and cfg.augment["low_res_epochs"] == 4
 
 
-def test_a_short_fast_run_keeps_half_its_epochs_at_full_size(capsys):
+def test_a_short_fast_run_keeps_half_its_epochs_at_full_size(notices):
     from cifarkit.cli import build_parser, config_from_args
     cfg = config_from_args(build_parser().parse_args(["train", "--preset", "fast", "--epochs", "3"]))
-    assert cfg.augment["low_res_epochs"] == 1 and "1 of the 3 epochs at 24 px" in capsys.readouterr().err
+    assert cfg.augment["low_res_epochs"] == 1 and "1 of the 3 epochs at 24 px" in notices()
 
 
 @pytest.mark.parametrize("flags, says", [

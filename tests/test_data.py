@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import pytest
+from PIL import Image
 
 from cifarkit import CifarkitError
 from cifarkit.cli import main
@@ -62,11 +63,11 @@ def test_official_python_tarball_and_its_extracted_folder_load_alike(tmp_path):
     assert b.classes == CLASSES
 
 
-def test_image_folder_of_another_size_is_resized_with_a_notice(tmp_path, capsys):
+def test_image_folder_of_another_size_is_resized_with_a_notice(tmp_path, notices):
     root = make_image_folder(tmp_path / "big", n_train=3, n_test=2, size=48)
     a = load_arrays(str(root))
     assert a.train_x.shape == (12, 32, 32, 3)
-    assert "resized" in capsys.readouterr().err
+    assert "resized" in notices()
 
 
 def test_image_folder_tarball_loads(image_folder_tgz):
@@ -143,7 +144,7 @@ def _cache_file(source: Path) -> Path:
     return next(p for p in cache_dir().glob(f"{source.name}-*.npz"))
 
 
-def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, capsys):
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, notices):
     src = make_image_folder(tmp_path / "corrupt", n_train=3, n_test=1)
     fresh = load_arrays(str(src))
     file = _cache_file(src)
@@ -151,12 +152,12 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, capsys):
     raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(64)  # zeros over part of the image data
     file.write_bytes(bytes(raw))
     again = load_arrays(str(src))
-    assert "data cache" in capsys.readouterr().err
+    assert "data cache" in notices()
     assert np.array_equal(again.train_x, fresh.train_x) and again.classes == fresh.classes
     assert np.array_equal(load_arrays(str(src)).train_x, fresh.train_x)  # the rebuilt cache is good
 
 
-def test_stale_cache_is_detected_by_checksum_and_rebuilt(tmp_path, capsys):
+def test_stale_cache_is_detected_by_checksum_and_rebuilt(tmp_path, notices):
     src = make_image_folder(tmp_path / "stale", n_train=3, n_test=1)
     fresh = load_arrays(str(src))
     file = _cache_file(src)
@@ -165,11 +166,11 @@ def test_stale_cache_is_detected_by_checksum_and_rebuilt(tmp_path, capsys):
     parts["train_x"] = parts["train_x"][::-1].copy()  # a well-formed file whose arrays changed
     np.savez(file, **parts)
     assert np.array_equal(load_arrays(str(src)).train_x, fresh.train_x)
-    assert "checksum mismatch" in capsys.readouterr().err
+    assert "checksum mismatch" in notices()
     del parts["version"]  # a cache from before checksums
     np.savez(file, **parts)
     assert np.array_equal(load_arrays(str(src)).train_x, fresh.train_x)
-    assert "older cifarkit" in capsys.readouterr().err
+    assert "older cifarkit" in notices()
 
 
 def test_wrong_archive_is_a_clear_one_line_error(tmp_path, capsys):
@@ -219,7 +220,7 @@ def _hostile_tree(root: Path) -> dict[str, int]:
     return {"train": 2 * 3 + 2 + 2, "test": 2 + 1}
 
 
-def test_hostile_image_folder_trains_with_bad_files_skipped_and_listed_once(tmp_path, capsys):
+def test_hostile_image_folder_trains_with_bad_files_skipped_and_listed_once(tmp_path, notices):
     root = tmp_path / "scraped"
     expect = _hostile_tree(root)
     got = {}
@@ -230,17 +231,17 @@ def test_hostile_image_folder_trains_with_bad_files_skipped_and_listed_once(tmp_
     a = got["a"]
     assert (len(a.train_y), len(a.test_y)) == (expect["train"], expect["test"])
     assert a.classes == sorted([CLASSES[0], CLASSES[1], "bird"])
-    err = capsys.readouterr().err
-    notices = [line for line in err.splitlines() if "skipped" in line]
-    assert len(notices) == 1, err
+    err = notices()
+    lines = [line for line in err.splitlines() if "skipped" in line]
+    assert len(lines) == 1, err
     # seven skipped, by name: the first five named with the reason, then a count
     shown = ["bomb.png (over the 40,000,000-pixel limit)", "cut.jpg (", "fake.png (not a known image format)",
              "fifo.png (not a regular file)", "gone.png (broken symbolic link)"]
-    assert notices[0].startswith("notice: skipped 7 files: train/") and notices[0].endswith("and 2 more")
-    assert all(f"train/{CLASSES[0]}/{s}" in notices[0] for s in shown), notices[0]
-    assert str(tmp_path) not in notices[0]                           # names relative to the tree
+    assert lines[0].startswith("notice: skipped 7 files: train/") and lines[0].endswith("and 2 more")
+    assert all(f"train/{CLASSES[0]}/{s}" in lines[0] for s in shown), lines[0]
+    assert str(tmp_path) not in lines[0]                           # names relative to the tree
     load_arrays(str(root))                                           # from the cache: no second notice
-    assert "skipped" not in capsys.readouterr().err
+    assert "skipped" not in notices()
 
 
 def test_a_train_class_left_empty_stops_with_one_line_saying_what_to_fix(tmp_path):
@@ -274,7 +275,7 @@ def _member(tar, name, data=b"", **kw):
     tar.addfile(info, io.BytesIO(data))
 
 
-def test_archive_members_with_unsafe_names_or_links_are_skipped_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+def test_archive_members_with_unsafe_names_or_links_are_skipped_and_nothing_is_written(tmp_path, notices, monkeypatch):
     import cifarkit.sources
     monkeypatch.setattr(cifarkit.sources, "MAX_MEMBER_MB", 1)
     root = make_image_folder(tmp_path / "toy", n_train=2, n_test=1, classes=CLASSES[:2])
@@ -292,7 +293,7 @@ def test_archive_members_with_unsafe_names_or_links_are_skipped_and_nothing_is_w
     before = {p for p in tmp_path.rglob("*")}
     a = load_arrays(str(tgz))
     assert len(a.train_y) == 4 and len(a.test_y) == 2                 # only the tree's own images
-    err = capsys.readouterr().err
+    err = notices()
     assert "skipped 6 files" in err and "'..' in its path" in err and "absolute path" in err and "a link" in err
     assert "huge.png (over 1 MB)" in err
     assert {p for p in tmp_path.rglob("*")} == before                  # nothing extracted anywhere

@@ -105,7 +105,7 @@ def test_a_training_step_never_waits_on_the_device(image_folder, tmp_path, leaky
     assert x_dev.device == module.device and x_dev.dtype == torch.uint8 and len(x_dev) == 48
 
 
-def test_resuming_onto_a_machine_with_fewer_gpus_restores_what_fits(monkeypatch, tmp_path, capsys):
+def test_resuming_onto_a_machine_with_fewer_gpus_restores_what_fits(monkeypatch, tmp_path, notices):
     guard = RunGuard(RunDir(tmp_path), "fast", ["a", "b"])
     state = {"torch_rng": torch.get_rng_state(), "cuda_rng": [torch.zeros(16, dtype=torch.uint8)] * 4}
     restored = []
@@ -113,10 +113,10 @@ def test_resuming_onto_a_machine_with_fewer_gpus_restores_what_fits(monkeypatch,
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda rng, i: restored.append(i))
     guard.load_state_dict(state)
-    assert restored == [0] and "holds the random state of 4 GPU(s) and this machine has 1" in capsys.readouterr().err
+    assert restored == [0] and "holds the random state of 4 GPU(s) and this machine has 1" in notices()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     guard.load_state_dict(state)                       # no GPU at all: the CPU state only, and a notice
-    assert restored == [0] and "this machine has 0" in capsys.readouterr().err
+    assert restored == [0] and "this machine has 0" in notices()
 
 
 def test_the_gpu_settings_of_each_preset_are_stated_once_and_keep_the_rate_per_example():

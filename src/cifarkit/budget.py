@@ -25,6 +25,7 @@ from .errors import CifarkitError
 
 MARGIN = 0.03        # of the budget kept in reserve against the clock's noise
 DRIFT = 0.05         # re-plan when an epoch runs this much off its planned speed
+OVERRUN = 0.05       # a run this much past its budget says so, and why
 TIMED_STEPS = 4      # steps timed per image size, after WARMUP_STEPS untimed ones
 WARMUP_STEPS = 2
 UNSURE = 0.4        # share of test images under the fast recipe's threshold 0.7 (about a third, measured)
@@ -60,7 +61,7 @@ class Plan:
     spent: float                  # seconds already spent when the plan was made
     step_seconds: dict            # image size (px) -> seconds per optimizer step, measured
     steps_per_epoch: int
-    test_seconds: float           # the test with its test-time views, predicted
+    test_seconds: float           # the test with its test-time views (and calibration), predicted
     val_seconds: float            # one validation pass, predicted (0: no validation split)
     epochs: float                 # planned
     low_res_epochs: int
@@ -88,7 +89,7 @@ class Plan:
         low = f", the first {self.low_res_epochs} at {self.low_res} px" if self.low_res_epochs else ""
         speed = ", ".join(f"{v:,.0f} images/s at {k} px" for k, v in sorted(self.images_per_second().items()))
         return (f"time budget {format_seconds(self.budget)}: {self.epochs:.2f} epochs ({self.total_steps} steps of "
-                f"{self.batch_size}{low}), measured {speed}; test predicted {self.test_seconds:.0f} s; "
+                f"{self.batch_size}{low}), measured {speed}; test and calibration predicted {self.test_seconds:.0f} s; "
                 f"{format_seconds(self.spent)} spent before training; predicted finish "
                 f"{format_seconds(self.predicted())}")
 
@@ -197,7 +198,7 @@ def budget_callback(plan: Plan, start: float, guard, module):
 
     class BudgetGuard(L.Callback):
         def __init__(self):
-            self.epoch_start = None
+            self.epoch_start = self.last_end = None
             self.resumed_spent: float | None = None  # the budget spent before an interruption
 
         def state_dict(self) -> dict:
@@ -218,11 +219,13 @@ def budget_callback(plan: Plan, start: float, guard, module):
             self.epoch_start, self.epoch_steps = time.perf_counter(), trainer.global_step
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
+            now, last_end, self.last_end = time.perf_counter(), self.last_end, time.perf_counter()
             low = trainer.current_epoch < plan.low_res_epochs
             steps = trainer.global_step - self.epoch_steps
             if low or plan.replanned or steps < plan.steps_per_epoch or trainer.should_stop:
                 return
-            measured = (time.perf_counter() - self.epoch_start - plan.val_seconds) / steps
+            # from the end of the epoch before: what happens between epochs (the checkpoint) counts too
+            measured = (now - (last_end or self.epoch_start) - plan.val_seconds) / steps
             expected = plan.step_seconds[max(plan.step_seconds)]
             if abs(measured / expected - 1) <= DRIFT:
                 return
@@ -246,3 +249,18 @@ def budget_callback(plan: Plan, start: float, guard, module):
             log.info(f"time budget: re-planned to {total} steps ({plan.epochs:.2f} epochs): {why}")
 
     return BudgetGuard()
+
+
+def overrun_notice(plan: Plan, seconds: float, trained: float, tested: float) -> str | None:
+    """One line when a run finished more than 5% past its budget: by how much, and which part ran long
+    (`trained`, `tested`: the seconds training and the test took)."""
+    if seconds <= plan.budget * (1 + OVERRUN):
+        return None
+    planned_test = plan.test_seconds
+    planned_train = plan.predicted() - plan.spent - planned_test
+    why = (f"the test took {tested:.0f} s against {planned_test:.0f} s predicted" if tested - planned_test
+           > trained - planned_train else
+           f"training took {trained:.0f} s against {planned_train:.0f} s planned (this machine ran slower "
+           "than in the measured first steps: other work on it, or throttling)")
+    return (f"notice: the run took {format_seconds(seconds)}, {seconds / plan.budget - 1:.0%} over its time budget "
+            f"of {format_seconds(plan.budget)}: {why}")

@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from . import __version__
 from .augment import Augment
-from .budget import (Plan, budget_callback, measure_eval, measure_steps, parse_budget, plan_schedule,
-                     scale_recipe, views_per_image)
-from .calibration import calibrate_after_training
+from .budget import (Plan, budget_callback, measure_eval, measure_steps, overrun_notice, parse_budget,
+                     plan_schedule, scale_recipe, views_per_image)
+from .calibration import TRAIN_SLICE, calibrate_after_training
 from .checkpoints import (DISK_ERRNOS, AtomicCheckpointIO, LastCheckpoint, MetricsLogger, RunGuard,
                           check_checkpoint, disk_error, remove_partial_checkpoints)
 from .console import lightning_bar, log
@@ -248,7 +248,12 @@ def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: Run
     steps = measure_steps(module, dm, trainer_kwargs(cfg), [low_res, 32] if low_res else [32])
     test = measure_eval(module, dm, len(dm.arrays.test_y), views_per_image(cfg.tta, cfg.tta_threshold), precision)
     val = measure_eval(module, dm, len(dm.val_idx), 1, precision)
-    plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, dm.steps_for(1), test, val,
+    # the temperature is fitted on the last validation's logits; without a validation split, on a
+    # slice of the training set predicted after the test
+    calibration = 0.0 if len(dm.val_idx) else measure_eval(
+        module, dm, min(TRAIN_SLICE, len(dm.arrays.train_y)), 1, precision)
+    plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, dm.steps_for(1),
+                         test + calibration, val,
                          cfg.batch_size, low_res, cfg.augment.get("low_res_epochs", 0) / cfg.epochs)
     scale_recipe(cfg, plan, preset_epochs=cfg.epochs)
     dm.augment.low_res_epochs = plan.low_res_epochs
@@ -347,9 +352,14 @@ def fit(cfg: TrainConfig, resume: bool = False) -> RunDir:
             _start_block(cfg, dm, module, run, trainer)
         with guard.catching_sigint(), _shared_with_ranks(run):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        fitted = time.time()
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
         if trainer.is_global_zero:
             _write_results(cfg, dm, module, trainer, test, run, start, resumed_step)
+            if plan is not None and resumed_step is None:
+                now = time.time()
+                if notice := overrun_notice(plan, now - start, fitted - start - plan.spent, now - fitted):
+                    log.warning(notice)
             # T in the weights' metadata: predictions are calibrated (from this run's own logits)
             calibrate_after_training(run, *_held_out_and_test_logits(module, trainer))
     return run
