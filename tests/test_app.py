@@ -1,8 +1,7 @@
 """The app: handlers called directly, then the served app driven with gradio_client and plain HTTP."""
 import http.client
+import importlib.util
 import re
-import select
-import socket
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,7 @@ from PIL import Image
 
 from cifarkit import CifarkitError
 from cifarkit.cli import main
-from conftest import bad_images, free_port
+from conftest import ROOT, bad_images, free_port
 
 GOOD = ("rgb.jpg", "gray.png", "rgba.png", "palette.gif", "sixteen.png", "one.png")
 BAD = ("text.png", "truncated-rgb.jpg", "truncated-rgba.png")
@@ -276,28 +275,11 @@ def test_file_routes_serve_the_examples_and_figures_from_gradios_copies(served, 
 
 
 def _upload(port: int, name: str, size: int) -> tuple[int, str]:
-    """POST an upload of `size` bytes to /gradio_api/upload; (status, body). A server that refuses
-    it answers before reading it all: stop sending as soon as the answer arrives, then read it."""
-    boundary = "cifarkit-boundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()
-    body = head + b"\x89PNG" + bytes(size - 4) + f"\r\n--{boundary}--\r\n".encode()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-    try:
-        sock.sendall((f"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
-                      f"multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode())
-        for i in range(0, len(body), 2**16):
-            if select.select([sock], [], [], 0)[0]:
-                break                                   # the answer came before the whole body
-            try:
-                sock.sendall(body[i:i + 2**16])
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        resp = http.client.HTTPResponse(sock)
-        resp.begin()
-        return resp.status, resp.read().decode(errors="replace")
-    finally:
-        sock.close()
+    """A raw POST to /gradio_api/upload that stops sending once the server answers (the soak's client)."""
+    spec = importlib.util.spec_from_file_location("app_soak", ROOT / "bench" / "app_soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    return soak.upload_status(port, name, size)
 
 
 def test_uploads_over_the_limit_are_refused_before_they_are_stored(served, files):
