@@ -167,11 +167,9 @@ def measure_steps(module, dm, trainer_kwargs: dict, sizes: list[int]) -> dict:
 
 
 @torch.no_grad()
-def measure_eval(module, dm, images: int, views: float, precision: str) -> float:
-    """Predicted seconds to evaluate `images` test-size images with `views` forward passes each:
-    one eval batch timed (after one untimed)."""
-    if images == 0:
-        return 0.0
+def measure_eval(module, dm, precision: str):
+    """A function (images, views) -> predicted seconds to evaluate that many images with that many
+    forward passes each, from one eval batch timed once (after one untimed)."""
     from .module import tta_logits
     device = next(module.parameters()).device
     batch = dm.augment.normalize(torch.from_numpy(dm.arrays.test_x[: dm.eval_batch_size]).to(device))
@@ -185,7 +183,7 @@ def measure_eval(module, dm, images: int, views: float, precision: str) -> float
                 seconds = time.perf_counter() - t
     finally:
         module.train()
-    return seconds * math.ceil(images / dm.eval_batch_size) * views
+    return lambda images, views=1: seconds * math.ceil(images / dm.eval_batch_size) * views
 
 
 # -- during training ----------------------------------------------------------------------------

@@ -246,12 +246,12 @@ def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: Run
     low_res = cfg.augment.get("low_res", 0) if cfg.augment.get("low_res_epochs") else 0
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     steps = measure_steps(module, dm, trainer_kwargs(cfg), [low_res, 32] if low_res else [32])
-    test = measure_eval(module, dm, len(dm.arrays.test_y), views_per_image(cfg.tta, cfg.tta_threshold), precision)
-    val = measure_eval(module, dm, len(dm.val_idx), 1, precision)
+    eval_seconds = measure_eval(module, dm, precision)
+    test = eval_seconds(len(dm.arrays.test_y), views_per_image(cfg.tta, cfg.tta_threshold))
+    val = eval_seconds(len(dm.val_idx))
     # the temperature is fitted on the last validation's logits; without a validation split, on a
     # slice of the training set predicted after the test
-    calibration = 0.0 if len(dm.val_idx) else measure_eval(
-        module, dm, min(TRAIN_SLICE, len(dm.arrays.train_y)), 1, precision)
+    calibration = 0.0 if len(dm.val_idx) else eval_seconds(min(TRAIN_SLICE, len(dm.arrays.train_y)))
     plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, dm.steps_for(1),
                          test + calibration, val,
                          cfg.batch_size, low_res, cfg.augment.get("low_res_epochs", 0) / cfg.epochs)
