@@ -3,6 +3,8 @@ short run that finishes inside its budget."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -92,26 +94,28 @@ def test_a_run_past_its_budget_says_by_how_much_and_which_part_ran_long():
 
 
 @pytest.mark.slow
-def test_a_real_run_finishes_within_its_budget(tmp_path, cifar_path, capsys):
-    """60 s on 2,000 real images, the fast recipe with a plain test (no test-time views): measuring,
-    planning, training and the test of all 10,000 test images within 60 s + 10%."""
-    from cifarkit.cli import main
+def test_a_real_run_finishes_within_its_budget(tmp_path, cifar_path):
+    """60 s on 2,000 real images, the fast recipe with a plain test (no test-time views): the command,
+    from its process's start (the imports count) to its exit, within 60 s + a stated tolerance."""
     out = tmp_path / "run"
     t = time.time()
-    assert main(["train", "--preset", "fast", "--data", str(cifar_path), "--subset", "2000", "--tta", "0",
-                 "--time-budget", "60s", "--out", str(out), "--no-report"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "cifarkit", "train", "--preset", "fast", "--data", str(cifar_path),
+                           "--subset", "2000", "--tta", "0", "--time-budget", "60s", "--out", str(out), "--no-report"],
+                          capture_output=True, text=True)
     wall = time.time() - t
+    assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "results.json").read_text())
-    err = capsys.readouterr().err
     # the tolerance on this shared 2-core machine: 25%; past 5% the run must say so
-    assert res["seconds"] <= 60 * 1.25, (res["plan"], err)
-    if abs(res["seconds"] - 63) > 0.5:                     # clear of the 5% line by more than the rounding
-        assert ("over its time budget" in err) == (res["seconds"] > 63), err
-    assert res["time_budget"] == 60 and res["plan"]["epochs"] > 1 and res["steps"] >= res["plan"]["total_steps"] - 1
+    assert wall <= 60 * 1.25, (res["plan"], proc.stderr)
+    assert res["plan"]["spent"] > 1.0  # the clock started with the process: its imports were spent
+    if abs(wall - 63) > 2:                     # clear of the 5% line by more than the process's exit
+        assert ("over its time budget" in proc.stderr) == (wall > 63), proc.stderr
+    assert res["time_budget"] == 60 and res["plan"]["epochs"] > 1 and res["steps"] == res["plan"]["total_steps"]
     cfg = (out / "config.yaml").read_text()
     assert "time_budget: 60s" in cfg and "total_steps:" in cfg
     from cifarkit.report import _settings
     from cifarkit.rundir import RunDir
     shown = dict(_settings(RunDir(out)))                 # the report's results table shows the plan
     assert shown["time budget"].startswith("1m00s: ") and "images/s at 32 px" in shown["time budget"]
-    print(f"60 s budget: {res['seconds']} s in fit, {wall:.0f} s wall-clock, plan {res['plan']['epochs']:.2f} epochs")
+    print(f"60 s budget: {res['seconds']} s in fit, {wall:.0f} s wall-clock, plan {res['plan']['epochs']:.2f} "
+          f"epochs, {res['plan']['spent']} s spent before it")

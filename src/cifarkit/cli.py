@@ -5,7 +5,10 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.time()  # before the heavy imports below: a command's --time-budget counts from here
 
 from .console import command_line, log
 from .errors import CifarkitError, RunInterrupted
@@ -121,7 +124,8 @@ def cmd_train(args):
     from .rundir import RunDir
     from .train import fit, is_follower
     try:
-        run = fit(resume_config(args), resume=True) if args.resume else fit(config_from_args(args))
+        run = (fit(resume_config(args), resume=True, started=args.started) if args.resume
+               else fit(config_from_args(args), started=args.started))
     except RunInterrupted as exc:
         if not is_follower() and RunDir(exc.run_dir).metrics_file.is_file():
             _report(Path(exc.run_dir), args)  # what there is: curves so far
@@ -373,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         args = build_parser().parse_args(argv)
+        # a command's clock starts with its process; main([...]) called from Python starts it now
+        args.started = STARTED if argv is None else time.time()
     except CifarkitError as exc:
         print(f"cifarkit: error: {exc}", file=sys.stderr)
         return 2

@@ -319,12 +319,15 @@ def _write_results(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier,
         threads=torch.get_num_threads(), cpu_count=os.cpu_count()))
 
 
-def fit(cfg: TrainConfig, resume: bool = False) -> RunDir:
+def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) -> RunDir:
     """Train per `cfg`, test, and write everything into the run directory; returns it.
 
     resume: continue the run in `cfg.out` (config from its config.yaml) from its last checkpoint.
+    started: the time.time() a time budget counts from (the command line passes its process's start,
+    so that the budget holds the imports too); default: now.
     """
     start = time.time()
+    clock = min(start, started) if started is not None else start  # what --time-budget counts from
     validate(cfg)
     if cfg.lr == "auto" and not resume and launched_externally():
         raise CifarkitError("torchrun and srun start every rank at once, so the LR range test cannot run "
@@ -346,22 +349,24 @@ def fit(cfg: TrainConfig, resume: bool = False) -> RunDir:
                 run.write_config(cfg)
         module = build_module(cfg, dm)
         module.lr = _peak_lr(cfg, dm, module, run, follower)
-        plan = _plan(cfg, dm, module, run, start, resume) if cfg.time_budget else None
-        trainer, guard = _trainer(cfg, dm, module, run, resumed_step, plan, start)
+        plan = _plan(cfg, dm, module, run, clock, resume) if cfg.time_budget else None
+        trainer, guard = _trainer(cfg, dm, module, run, resumed_step, plan, clock)
         if not follower:
             _start_block(cfg, dm, module, run, trainer)
         with guard.catching_sigint(), _shared_with_ranks(run):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         fitted = time.time()
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
+        if plan is not None:
+            cfg.plan = plan.to_dict()  # with its re-plan, if there was one
         if trainer.is_global_zero:
             _write_results(cfg, dm, module, trainer, test, run, start, resumed_step)
-            if plan is not None and resumed_step is None:
-                now = time.time()
-                if notice := overrun_notice(plan, now - start, fitted - start - plan.spent, now - fitted):
-                    log.warning(notice)
             # T in the weights' metadata: predictions are calibrated (from this run's own logits)
             calibrate_after_training(run, *_held_out_and_test_logits(module, trainer))
+            if plan is not None and resumed_step is None:  # the calibration pass is in the plan's test
+                now = time.time()
+                if notice := overrun_notice(plan, now - clock, fitted - clock - plan.spent, now - fitted):
+                    log.warning(notice)
     return run
 
 
