@@ -3,7 +3,8 @@
 Usage:
   python bench/budget_curve.py --budgets 3m 5m 8m 12m 15m 20m [--seeds 0] [--out runs/curve] \
       [--airbench "python /path/to/airbench94_cpu.py" --airbench-dir DIR --airbench-line W1 W99]
-  python bench/budget_curve.py --budgets 13m --seeds 0 1 2 --airbench ... --airbench-epochs 9.9   # headline
+  python bench/budget_curve.py --seeds 0 1 2 --airbench ... --airbench-epochs 9.9 --share 0.75   # headline
+  python bench/budget_curve.py --merge runs/curve-short runs/curve-headline --out bench/figures/curve  # one picture
 
 For each budget and seed, interleaved: `cifarkit train --preset fast --time-budget B --seed S`
 (wall-clock from command start to printed test accuracy, the data already decoded), then, when
@@ -12,7 +13,11 @@ same budget: its command is run as `CMD SEED EPOCHS` in --airbench-dir and print
 `RESULT seed=S epochs=E tta_acc=A ...` (a port of its own script kept outside this repository; see
 BENCHMARKS.md for what it changes). Its epochs for a budget come from the straight line through two
 measured points, --airbench-line W1 W99: its wall-clock seconds at 1 and at 9.9 epochs.
-Writes OUT/curve.json, OUT/curve.md and OUT/curve.png. Run alone on the machine.
+The headline, --share 0.75 with --airbench-epochs 9.9: for each seed airbench94 runs its own recipe
+first, and cifarkit's budget is 0.75x the wall-clock it just took (both rows grouped as "headline").
+Writes OUT/curve.json, OUT/curve.md and OUT/curve.png (--merge: the same from several such folders'
+curve.json, without running anything; a budget with several seeds is drawn at their mean). Run alone
+on the machine.
 """
 from __future__ import annotations
 
@@ -58,11 +63,29 @@ def run_airbench(cmd: str, folder: str, budget: float, seed: int, line, epochs: 
             "wall_seconds": round(wall, 1), "epochs": float(m.group(1))}
 
 
+def means(rows: list[dict], system: str) -> list[tuple[float, float]]:
+    """(wall-clock minutes, test accuracy %) per budget (or group) of one system, the mean over its seeds,
+    by time."""
+    by_budget: dict[float | str, list[dict]] = {}
+    for r in rows:
+        if r["system"] == system:
+            by_budget.setdefault(r.get("group", r["budget"]), []).append(r)
+    return sorted((sum(r["wall_seconds"] for r in rs) / len(rs) / 60, 100 * sum(r["test_acc"] for r in rs) / len(rs))
+                  for rs in by_budget.values())
+
+
+def label(row: dict) -> str:
+    """The budget column: its minutes, or the group and cifarkit's budget (the headline)."""
+    if "group" in row:
+        return row["group"] + (f" ({row['budget']:.0f} s budget)" if row["system"] == "cifarkit" else "")
+    return f"{row['budget'] / 60:g} min"
+
+
 def figure(rows: list[dict]) -> Figure:
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
     for system, marker in (("cifarkit", "o"), ("airbench94", "s")):
-        pts = sorted((r["wall_seconds"] / 60, 100 * r["test_acc"]) for r in rows if r["system"] == system)
+        pts = means(rows, system)
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=system if system == "airbench94" else "cifarkit --preset fast "
                     "--time-budget")
@@ -86,12 +109,28 @@ def main() -> None:
     p.add_argument("--airbench-epochs", type=float, help="run it for these epochs at every budget instead "
                                                           "(e.g. 9.9, its own recipe, for the headline comparison)")
     p.add_argument("extra", nargs="*", help="more `cifarkit train` flags, after --")
+    p.add_argument("--share", type=float, help="the headline: cifarkit's budget is this share of the "
+                                                "wall-clock of the airbench94 run just before it")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="draw and tabulate these folders' curve.json "
+                                                              "together instead of running")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    load_arrays()  # warm the decode cache: the curve times training, not the first decode
-    rows = []
-    for budget in args.budgets:
+    rows = [r for d in args.merge for r in json.loads((Path(d) / "curve.json").read_text())] if args.merge else []
+    if not args.merge:
+        load_arrays()  # warm the decode cache: the curve times training, not the first decode
+    if args.share:
+        if not (args.airbench and args.airbench_epochs):
+            p.error("--share needs --airbench and --airbench-epochs")
+        for seed in args.seeds:
+            ab = run_airbench(args.airbench, args.airbench_dir, 0.0, seed, None, args.airbench_epochs)
+            budget = f"{round(args.share * ab['wall_seconds'])}s"
+            fast = run_cifarkit(budget, seed, out / f"fast-share{args.share:g}-seed{seed}", args.extra)
+            for r in (ab, fast):
+                rows.append({**r, "group": "headline"})
+                print(json.dumps(rows[-1]), flush=True)
+            (out / "curve.json").write_text(json.dumps(rows, indent=2))
+    for budget in [] if args.merge or args.share else args.budgets:
         for seed in args.seeds:
             rows.append(run_cifarkit(budget, seed, out / f"fast-{budget}-seed{seed}", args.extra))
             print(json.dumps(rows[-1]), flush=True)
@@ -101,7 +140,9 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
             (out / "curve.json").write_text(json.dumps(rows, indent=2))
     table = ["| budget | system | seed | epochs | test accuracy | wall-clock s |", "| --- | --- | --- | --- | --- | --- |"]
-    table += [f"| {r['budget'] / 60:g} min | {r['system']} | {r['seed']} | {r['epochs']:.2f} | {100 * r['test_acc']:.2f}% | "
+    rows.sort(key=lambda r: ("group" in r, r["budget"] if "group" not in r else 0, r["system"] != "cifarkit", r["seed"]))
+    (out / "curve.json").write_text(json.dumps(rows, indent=2))
+    table += [f"| {label(r)} | {r['system']} | {r['seed']} | {r['epochs']:.2f} | {100 * r['test_acc']:.2f}% | "
               f"{r['wall_seconds']:.0f} |" for r in rows]
     (out / "curve.md").write_text("\n".join(table) + "\n")
     figure(rows).savefig(out / "curve.png", dpi=120, bbox_inches="tight")

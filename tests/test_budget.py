@@ -93,6 +93,52 @@ def test_a_run_past_its_budget_says_by_how_much_and_which_part_ran_long():
     assert "the test took 65 s against 20 s predicted" in overrun_notice(plan, 345, planned_train, 65)
 
 
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("speeds", [
+    [0.80, 0.80, 0.80, 0.80, 0.80, 0.80, 0.80, 0.80],      # slower than measured throughout
+    [0.80, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45],      # slow first, then faster than measured
+    [0.40, 0.70, 0.55, 0.75, 0.40, 0.70, 0.55, 0.75],      # a shared machine's swings
+])
+def test_the_guard_replans_until_the_run_ends_on_its_budget(monkeypatch, speeds):
+    """The callback on a fake clock: full-size epochs at true step times that are not the measured
+    one; the run (training, then the planned test) ends within 5% of its budget."""
+    from types import SimpleNamespace
+
+    import cifarkit.budget as budget
+    clock = _Clock()
+    monkeypatch.setattr(budget.time, "time", clock)
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    plan = plan_schedule(900, 15.0, **{**FAST, "low_res_share": 0.0})  # measured 0.55 s a step
+    total = [plan.total_steps]
+    module = SimpleNamespace(steps=plan.total_steps, total_steps=lambda: module.steps)
+    guard = SimpleNamespace(stop_at_step=plan.total_steps)
+    sched = SimpleNamespace(retarget=total.append)
+    trainer = SimpleNamespace(global_step=0, current_epoch=0, should_stop=False,
+                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
+                              fit_loop=SimpleNamespace(max_epochs=6))
+    start = clock.now - 15.0                                           # 15 s spent before training
+    cb = budget.budget_callback(plan, start, guard, module)
+    cb.on_train_start(trainer, None)
+    while trainer.global_step < guard.stop_at_step:
+        cb.on_train_epoch_start(trainer, None)
+        steps = min(196, guard.stop_at_step - trainer.global_step)
+        clock.now += steps * speeds[min(trainer.current_epoch, len(speeds) - 1)]
+        trainer.global_step += steps
+        cb.on_train_epoch_end(trainer, None)
+        trainer.current_epoch += 1
+        assert trainer.current_epoch <= trainer.fit_loop.max_epochs
+    finish = clock.now + plan.test_seconds - start
+    assert 900 * (1 - MARGIN - 0.05) <= finish <= 900 * 1.05, (finish, plan.replanned)
+    assert total[-1] == guard.stop_at_step == module.steps and plan.replanned
+
+
 @pytest.mark.slow
 def test_a_real_run_finishes_within_its_budget(tmp_path, cifar_path):
     """60 s on 2,000 real images, the fast recipe with a plain test (no test-time views): the command,
@@ -119,3 +165,37 @@ def test_a_real_run_finishes_within_its_budget(tmp_path, cifar_path):
     assert shown["time budget"].startswith("1m00s: ") and "images/s at 32 px" in shown["time budget"]
     print(f"60 s budget: {res['seconds']} s in fit, {wall:.0f} s wall-clock, plan {res['plan']['epochs']:.2f} "
           f"epochs, {res['plan']['spent']} s spent before it")
+
+
+def test_the_curve_bench_merges_runs_into_one_table_and_picture(tmp_path, monkeypatch):
+    """bench/budget_curve.py --merge: several sittings' curve.json in one table and one picture, a budget
+    with several seeds drawn at its mean (the headline), nothing run."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("budget_curve", Path(__file__).parents[1] / "bench" / "budget_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+
+    def row(system, budget, seed, acc, wall):
+        return dict(system=system, budget=budget, seed=seed, test_acc=acc, wall_seconds=wall, epochs=1.0)
+    short = [row("cifarkit", 180, 0, 0.84, 198), row("airbench94", 180, 0, 0.70, 180)]
+    head = [row("cifarkit", 830, s, a, w) for s, a, w in ((0, 0.90, 820), (1, 0.91, 840))]
+    head.append(row("airbench94", 830, 0, 0.908, 1100))
+    head += [{**r, "group": "headline"} for r in (row("cifarkit", 825, 2, 0.905, 826), row("airbench94", 0, 2, 0.91, 1100))]
+    for name, rows in (("short", short), ("head", head)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "curve.json").write_text(json.dumps(rows))
+    assert curve.means(head, "cifarkit") == [(826 / 60, pytest.approx(90.5)), (830 / 60, pytest.approx(90.5))]
+    monkeypatch.setattr(curve, "load_arrays", lambda: pytest.fail("--merge decodes nothing"))
+    monkeypatch.setattr(curve, "run_cifarkit", lambda *a: pytest.fail("--merge trains nothing"))
+    out = tmp_path / "merged"
+    monkeypatch.setattr(sys, "argv", ["budget_curve.py", "--merge", str(tmp_path / "short"), str(tmp_path / "head"),
+                                      "--out", str(out)])
+    curve.main()
+    table = (out / "curve.md").read_text().splitlines()[2:]
+    assert [line.split(" | ")[:3] for line in table] == [
+        ["| 3 min", "cifarkit", "0"], ["| 3 min", "airbench94", "0"], ["| 13.8333 min", "cifarkit", "0"],
+        ["| 13.8333 min", "cifarkit", "1"], ["| 13.8333 min", "airbench94", "0"],
+        ["| headline (825 s budget)", "cifarkit", "2"], ["| headline", "airbench94", "2"]]
+    assert curve.means(head, "airbench94") == [(1100 / 60, pytest.approx(90.8)), (1100 / 60, pytest.approx(91.0))]
+    assert len(json.loads((out / "curve.json").read_text())) == 7 and (out / "curve.png").stat().st_size > 10_000

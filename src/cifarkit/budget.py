@@ -26,7 +26,7 @@ from .errors import CifarkitError
 MARGIN = 0.03        # of the budget kept in reserve against the clock's noise
 DRIFT = 0.05         # re-plan when an epoch runs this much off its planned speed
 OVERRUN = 0.05       # a run this much past its budget says so, and why
-TIMED_STEPS = 4      # steps timed per image size, after WARMUP_STEPS untimed ones
+TIMED_STEPS = 6      # steps timed per image size, after WARMUP_STEPS untimed ones
 WARMUP_STEPS = 2
 UNSURE = 0.4        # share of test images under the fast recipe's threshold 0.7 (about a third, measured)
 
@@ -190,13 +190,15 @@ def measure_eval(module, dm, precision: str):
 
 
 def budget_callback(plan: Plan, start: float, guard, module):
-    """A Lightning callback that re-plans once: when the first full-size epoch ends, or at the start
-    of a resumed run (then from the budget left when its checkpoint was written)."""
+    """A Lightning callback that re-plans the remaining steps: at the end of each full-size epoch
+    whose average step time so far is more than DRIFT off the plan's, and at the start of a resumed
+    run (then from the budget left when its checkpoint was written)."""
     import lightning as L
 
     class BudgetGuard(L.Callback):
         def __init__(self):
             self.epoch_start = self.last_end = None
+            self.full_seconds, self.full_steps = 0.0, 0  # full-size training so far, in this process
             self.resumed_spent: float | None = None  # the budget spent before an interruption
 
         def state_dict(self) -> dict:
@@ -220,10 +222,14 @@ def budget_callback(plan: Plan, start: float, guard, module):
             now, last_end, self.last_end = time.perf_counter(), self.last_end, time.perf_counter()
             low = trainer.current_epoch < plan.low_res_epochs
             steps = trainer.global_step - self.epoch_steps
-            if low or plan.replanned or steps < plan.steps_per_epoch or trainer.should_stop:
+            if low or steps < plan.steps_per_epoch or trainer.should_stop:
                 return
-            # from the end of the epoch before: what happens between epochs (the checkpoint) counts too
-            measured = (now - (last_end or self.epoch_start) - plan.val_seconds) / steps
+            # the full-size step time so far, from the end of the epoch before: what happens between
+            # epochs (the checkpoint) counts too. A shared machine's speed swings by half from one
+            # step to the next, so every epoch end checks the average against the plan.
+            self.full_seconds += now - (last_end or self.epoch_start) - plan.val_seconds
+            self.full_steps += steps
+            measured = self.full_seconds / self.full_steps
             expected = plan.step_seconds[max(plan.step_seconds)]
             if abs(measured / expected - 1) <= DRIFT:
                 return
@@ -232,7 +238,8 @@ def budget_callback(plan: Plan, start: float, guard, module):
             full_epochs_left = left / (measured * plan.steps_per_epoch + plan.val_seconds)
             total = trainer.global_step + max(1, int(full_epochs_left * plan.steps_per_epoch))
             plan.step_seconds[max(plan.step_seconds)] = measured
-            self._retarget(trainer, total, f"an epoch ran at {measured / expected:.0%} of the planned step time")
+            self._retarget(trainer, total, f"full-size steps so far ran at {measured / expected:.0%} of the "
+                                           "planned step time")
 
         def _retarget(self, trainer, total: int, why: str) -> None:
             before = module.total_steps()

@@ -235,7 +235,8 @@ def _settings(run: RunDir) -> list[tuple[str, str]]:
     if res.plan:  # --time-budget: what it planned from the measured speed
         p = res.plan
         speed = ", ".join(f"{v:,.0f} images/s at {k} px" for k, v in sorted(p["images_per_second"].items()))
-        replanned = f"; re-planned: {p['replanned'][-1][3]}" if p.get("replanned") else ""
+        n = len(p.get("replanned") or [])
+        replanned = f"; re-planned {n} time{'s' * (n > 1)}, last: {p['replanned'][-1][3]}" if n else ""
         rows.append(("time budget", f"{format_seconds(p['budget'])}: {p['epochs']:.2f} epochs, {p['total_steps']:,} "
                                     f"steps planned from {speed}; predicted {p['predicted_seconds']:.0f} s{replanned}"))
     return rows
