@@ -83,6 +83,34 @@ def test_a_retargeted_one_cycle_ends_on_its_new_last_step():
     assert all(a >= b for a, b in zip(lrs[25:], lrs[26:]))         # and the anneal never climbs back
 
 
+@pytest.mark.parametrize("retargets", [{40: 120}, {40: 60, 50: 90, 70: 80}, {40: 41}, {10: 200, 30: 100}])
+def test_re_plans_keep_the_anneal_continuous_and_end_on_the_final_rate(retargets):
+    """Re-plans at any step, longer or shorter, once or many times: past the warm-up the rate goes on
+    from where it was, the warm-up only rises and the anneal only falls, and the new last step has the
+    final rate."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    sched = OneCycle(opt, max_lr=1.0, total_steps=100, pct_start=0.25, anneal_strategy="linear", div_factor=10,
+                     final_div_factor=100, cycle_momentum=False)
+    lrs, total = [], 100
+    for step in range(300):
+        if step in retargets:
+            before, annealing = opt.param_groups[0]["lr"], bool(lrs) and lrs[-1] < max(lrs)
+            total = retargets[step]
+            sched.retarget(total)
+            if annealing and total > step + 1:                        # past the warm-up: continuous
+                assert opt.param_groups[0]["lr"] == pytest.approx(before)
+        lrs.append(opt.param_groups[0]["lr"])
+        if step == total - 1:
+            break
+        opt.step()
+        sched.step()
+    assert len(lrs) == total and lrs[-1] == pytest.approx(1.0 / 10 / 100)  # the final rate, on the last step
+    peak = lrs.index(max(lrs))
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # the anneal never climbs back
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # nor the warm-up falls
+
+
 def test_a_run_past_its_budget_says_by_how_much_and_which_part_ran_long():
     plan = plan_schedule(300, 15.0, **FAST)
     planned_train = plan.predicted() - 15.0 - 20.0
@@ -124,7 +152,8 @@ def test_the_guard_replans_until_the_run_ends_on_its_budget(monkeypatch, speeds)
                               lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
                               fit_loop=SimpleNamespace(max_epochs=6))
     start = clock.now - 15.0                                           # 15 s spent before training
-    cb = budget.budget_callback(plan, start, guard, module)
+    saved = []
+    cb = budget.budget_callback(plan, start, guard, module, on_replan=saved.append)
     cb.on_train_start(trainer, None)
     while trainer.global_step < guard.stop_at_step:
         cb.on_train_epoch_start(trainer, None)
@@ -136,7 +165,25 @@ def test_the_guard_replans_until_the_run_ends_on_its_budget(monkeypatch, speeds)
         assert trainer.current_epoch <= trainer.fit_loop.max_epochs
     finish = clock.now + plan.test_seconds - start
     assert 900 * (1 - MARGIN - 0.05) <= finish <= 900 * 1.05, (finish, plan.replanned)
-    assert total[-1] == guard.stop_at_step == module.steps and plan.replanned
+    assert total[-1] == guard.stop_at_step == module.steps == plan.total_steps and plan.replanned
+    assert saved and saved[-1] is plan                                 # each re-plan handed on (to config.yaml)
+
+
+def test_a_command_counts_its_budget_from_its_process_start(monkeypatch):
+    """`cifarkit train` hands fit the time its process started (before torch and Lightning were
+    imported); main([...]) called from Python starts the clock at the call."""
+    import cifarkit.cli as cli
+    import cifarkit.train as train
+    seen = []
+
+    def fit(cfg, resume=False, started=None):
+        seen.append(started)
+        raise CifarkitError("stop here")
+    monkeypatch.setattr(train, "fit", fit)
+    monkeypatch.setattr(sys, "argv", ["cifarkit", "train", "--time-budget", "5m", "--no-report"])
+    assert cli.main() == 2 and seen == [cli.STARTED]
+    t = time.time()
+    assert cli.main(["train", "--time-budget", "5m", "--no-report"]) == 2 and seen[1] >= t > cli.STARTED
 
 
 @pytest.mark.slow

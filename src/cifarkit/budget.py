@@ -1,14 +1,16 @@
 """The best model in the minutes you have: `--time-budget 10m` plans the recipe's schedule to fit.
 
-The budget counts from the start of `fit` (decoding from the cache, building the net, measuring,
-training, validation and the test with its test-time views) to the tested weights. The schedule
+The budget counts from the start of the command (`fit(started=...)`; from Python, by default, the
+start of `fit`): imports, decoding from the cache, building the net, measuring, training,
+validation and the test with its test-time views, to the tested and calibrated weights. The schedule
 is planned, not cut: the first steps are timed at each image size the recipe trains at (a few
 steps on the run's own net, whose weights are then put back), one test batch is timed, and the
 number of epochs is the most that fits. The recipe keeps its proportions: the share of low-res
 epochs, the share of epochs the whitening bias trains, the one-cycle's warm-up share and the
-lookahead's averaging follow the planned length. Once the first full-size epoch has run, its
-measured speed is compared with the plan, and the remaining steps are re-planned once if it is
-more than 5% off. A resumed run re-plans its remaining steps to the budget that is left.
+lookahead's averaging follow the planned length. At the end of every full-size epoch the finish
+is predicted from the average step time so far, and the remaining steps are re-planned when it
+falls past the budget or more than 5% short of the plan (the one-cycle's anneal goes on from where
+it is). A resumed run re-plans its remaining steps to the budget that is left.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .console import log
 from .errors import CifarkitError
 
 MARGIN = 0.03        # of the budget kept in reserve against the clock's noise
-DRIFT = 0.05         # re-plan when an epoch runs this much off its planned speed
+DRIFT = 0.05         # of the budget: re-plan when the predicted finish is this much short of the plan
 OVERRUN = 0.05       # a run this much past its budget says so, and why
 TIMED_STEPS = 6      # steps timed per image size, after WARMUP_STEPS untimed ones
 WARMUP_STEPS = 2
@@ -71,7 +73,7 @@ class Plan:
 
     @property
     def total_steps(self) -> int:
-        return math.ceil(self.epochs * self.steps_per_epoch)
+        return math.ceil(self.epochs * self.steps_per_epoch - 1e-6)  # total / spe * spe may not be total
 
     def epoch_seconds(self, low: bool) -> float:
         size = self.low_res if low and self.low_res else max(self.step_seconds)
@@ -189,10 +191,11 @@ def measure_eval(module, dm, precision: str):
 # -- during training ----------------------------------------------------------------------------
 
 
-def budget_callback(plan: Plan, start: float, guard, module):
-    """A Lightning callback that re-plans the remaining steps: at the end of each full-size epoch
-    whose average step time so far is more than DRIFT off the plan's, and at the start of a resumed
-    run (then from the budget left when its checkpoint was written)."""
+def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
+    """A Lightning callback that re-plans the remaining steps: at the end of each full-size epoch after
+    which the predicted finish (from the average full-size step time so far) is past the budget or
+    more than DRIFT short of the planned finish, and at the start of a resumed run (then from the
+    budget left when its checkpoint was written). on_replan(plan): called after each re-plan."""
     import lightning as L
 
     class BudgetGuard(L.Callback):
@@ -225,21 +228,22 @@ def budget_callback(plan: Plan, start: float, guard, module):
             if low or steps < plan.steps_per_epoch or trainer.should_stop:
                 return
             # the full-size step time so far, from the end of the epoch before: what happens between
-            # epochs (the checkpoint) counts too. A shared machine's speed swings by half from one
-            # step to the next, so every epoch end checks the average against the plan.
+            # epochs (the checkpoint) counts too. A shared machine's speed swings from minute to
+            # minute, so every full-size epoch end predicts the finish from the average so far.
             self.full_seconds += now - (last_end or self.epoch_start) - plan.val_seconds
             self.full_steps += steps
             measured = self.full_seconds / self.full_steps
             expected = plan.step_seconds[max(plan.step_seconds)]
-            if abs(measured / expected - 1) <= DRIFT:
-                return
             elapsed = time.time() - start
+            per_step = measured + plan.val_seconds / plan.steps_per_epoch
+            finish = elapsed + (module.total_steps() - trainer.global_step) * per_step + plan.test_seconds
+            if plan.budget * (1 - MARGIN - DRIFT) <= finish <= plan.budget:
+                return
             left = plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds
-            full_epochs_left = left / (measured * plan.steps_per_epoch + plan.val_seconds)
-            total = trainer.global_step + max(1, int(full_epochs_left * plan.steps_per_epoch))
+            total = trainer.global_step + max(1, int(left / per_step))
             plan.step_seconds[max(plan.step_seconds)] = measured
             self._retarget(trainer, total, f"full-size steps so far ran at {measured / expected:.0%} of the "
-                                           "planned step time")
+                                           f"planned step time (predicted finish {finish:.0f} s)")
 
         def _retarget(self, trainer, total: int, why: str) -> None:
             before = module.total_steps()
@@ -252,6 +256,8 @@ def budget_callback(plan: Plan, start: float, guard, module):
                 config.scheduler.retarget(total)
             trainer.fit_loop.max_epochs = max(trainer.fit_loop.max_epochs, math.ceil(plan.epochs))
             log.info(f"time budget: re-planned to {total} steps ({plan.epochs:.2f} epochs): {why}")
+            if on_replan is not None:
+                on_replan(plan)
 
     return BudgetGuard()
 

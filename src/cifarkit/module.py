@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 import lightning as L
 import torch
@@ -57,10 +58,24 @@ class OneCycle(torch.optim.lr_scheduler.OneCycleLR):
     """torch's two-phase one-cycle, whose length a time budget may re-plan while it runs."""
 
     def retarget(self, total_steps: int) -> None:
-        warmup = (self._schedule_phases[0]["end_step"] + 1) / self.total_steps  # pct_start
+        """End the schedule on step total_steps - 1. In the warm-up, a shorter run's warm-up keeps its
+        share of the steps (or peaks now) and a longer run's warm-up ends where it was; past it, the
+        anneal goes on from where it is (the rate is continuous) to its final value on the new last
+        step. The optimizer's rates are set for the next step."""
+        s, first, last = self.last_epoch, self._schedule_phases[0], self._schedule_phases[1]
+        if s <= first["end_step"]:  # its share of a shorter run (the peak now at the latest), never longer
+            warmup = (first["end_step"] + 1) / self.total_steps  # pct_start
+            first["end_step"] = max(min(float(warmup * total_steps) - 1, first["end_step"]), s)
+        else:  # the same fraction of the anneal done at step s, on the new length
+            done = (s - first["end_step"]) / (last["end_step"] - first["end_step"])
+            first["end_step"] = min((s - done * (total_steps - 1)) / (1 - done), s - 1) if done < 1 else s - 1
         self.total_steps = total_steps
-        self._schedule_phases[0]["end_step"] = float(warmup * total_steps) - 1
-        self._schedule_phases[1]["end_step"] = total_steps - 1
+        last["end_step"] = total_steps - 1
+        with warnings.catch_warnings():  # get_lr outside step() warns; here it is the point
+            warnings.simplefilter("ignore")
+            for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+                group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def hardest(x: torch.Tensor, y: torch.Tensor, losses: torch.Tensor, keep: float):

@@ -270,14 +270,19 @@ def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: 
                                         enable_version_counter=False),
                  LastCheckpoint(run.last_ckpt, cfg.ckpt_every_steps)]
     if plan is not None:
-        callbacks.append(budget_callback(plan, start, guard, module))
+        def saved(p: Plan) -> None:  # config.yaml holds the latest plan: a resume starts from it
+            cfg.epochs, cfg.plan = round(p.epochs, 4), p.to_dict()
+            run.write_config(cfg)
+        callbacks.append(budget_callback(plan, start, guard, module, on_replan=saved))
     # Epoch-bounded, never max_steps: Lightning resumes a step-bounded run from an epoch-end
     # checkpoint by replaying that epoch's end. A fractional last epoch stops via the guard.
     with _machine_errors():
         trainer = L.Trainer(**with_bar(trainer_kwargs(cfg), callbacks), max_epochs=math.ceil(cfg.epochs),
                             logger=_loggers(cfg, run, resumed_step), default_root_dir=str(run.path),
                             plugins=[AtomicCheckpointIO(run.path)])
-    if cfg.epochs != int(cfg.epochs) or plan is not None:  # each rank sees 1/world_size of the data per epoch
+    if plan is not None:  # one process
+        module.steps = guard.stop_at_step = plan.total_steps
+    elif cfg.epochs != int(cfg.epochs):  # each rank sees 1/world_size of the data per epoch
         module.steps = guard.stop_at_step = math.ceil(cfg.epochs * dm.steps_for(trainer.world_size))
     return trainer, guard
 
