@@ -119,26 +119,28 @@ def main() -> None:
     rows = [r for d in args.merge for r in json.loads((Path(d) / "curve.json").read_text())] if args.merge else []
     if not args.merge:
         load_arrays()  # warm the decode cache: the curve times training, not the first decode
+
+    def record(row: dict) -> dict:  # each run's row as soon as it ends: an interrupted curve keeps it
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (out / "curve.json").write_text(json.dumps(rows, indent=2))
+        return row
+
     if args.share:
         if not (args.airbench and args.airbench_epochs):
             p.error("--share needs --airbench and --airbench-epochs")
         for seed in args.seeds:
-            ab = run_airbench(args.airbench, args.airbench_dir, 0.0, seed, None, args.airbench_epochs)
+            ab = record({**run_airbench(args.airbench, args.airbench_dir, 0.0, seed, None, args.airbench_epochs),
+                         "group": "headline"})
             budget = f"{round(args.share * ab['wall_seconds'])}s"
-            fast = run_cifarkit(budget, seed, out / f"fast-share{args.share:g}-seed{seed}", args.extra)
-            for r in (ab, fast):
-                rows.append({**r, "group": "headline"})
-                print(json.dumps(rows[-1]), flush=True)
-            (out / "curve.json").write_text(json.dumps(rows, indent=2))
+            record({**run_cifarkit(budget, seed, out / f"fast-share{args.share:g}-seed{seed}", args.extra),
+                    "group": "headline"})
     for budget in [] if args.merge or args.share else args.budgets:
         for seed in args.seeds:
-            rows.append(run_cifarkit(budget, seed, out / f"fast-{budget}-seed{seed}", args.extra))
-            print(json.dumps(rows[-1]), flush=True)
+            record(run_cifarkit(budget, seed, out / f"fast-{budget}-seed{seed}", args.extra))
             if args.airbench:
-                rows.append(run_airbench(args.airbench, args.airbench_dir, parse_budget(budget), seed,
-                                         args.airbench_line, args.airbench_epochs))
-                print(json.dumps(rows[-1]), flush=True)
-            (out / "curve.json").write_text(json.dumps(rows, indent=2))
+                record(run_airbench(args.airbench, args.airbench_dir, parse_budget(budget), seed,
+                                    args.airbench_line, args.airbench_epochs))
     table = ["| budget | system | seed | epochs | test accuracy | wall-clock s |", "| --- | --- | --- | --- | --- | --- |"]
     rows.sort(key=lambda r: ("group" in r, r["budget"] if "group" not in r else 0, r["system"] != "cifarkit", r["seed"]))
     (out / "curve.json").write_text(json.dumps(rows, indent=2))

@@ -2,6 +2,7 @@
 and one tiny trained run for the commands that need weights."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import tarfile
@@ -115,6 +116,14 @@ def toy_run(tmp_path_factory) -> Path:
     assert main(["train", "--data", str(root), "--epochs", "4", "--batch-size", "16", "--val-size", "20",
                  "--lr", "0.05", "--tta", "0", "--out", str(out), "--no-report"]) == 0
     return out
+
+
+def bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -1,6 +1,5 @@
 """The app: handlers called directly, then the served app driven with gradio_client and plain HTTP."""
 import http.client
-import importlib.util
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +11,7 @@ from PIL import Image
 
 from cifarkit import CifarkitError
 from cifarkit.cli import main
-from conftest import ROOT, bad_images, free_port
+from conftest import bad_images, bench_module, free_port
 
 GOOD = ("rgb.jpg", "gray.png", "rgba.png", "palette.gif", "sixteen.png", "one.png")
 BAD = ("text.png", "truncated-rgb.jpg", "truncated-rgba.png")
@@ -276,10 +275,7 @@ def test_file_routes_serve_the_examples_and_figures_from_gradios_copies(served, 
 
 def _upload(port: int, name: str, size: int) -> tuple[int, str]:
     """A raw POST to /gradio_api/upload that stops sending once the server answers (the soak's client)."""
-    spec = importlib.util.spec_from_file_location("app_soak", ROOT / "bench" / "app_soak.py")
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
-    return soak.upload_status(port, name, size)
+    return bench_module("app_soak").upload_status(port, name, size)
 
 
 def test_uploads_over_the_limit_are_refused_before_they_are_stored(served, files):

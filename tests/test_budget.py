@@ -217,11 +217,8 @@ def test_a_real_run_finishes_within_its_budget(tmp_path, cifar_path):
 def test_the_curve_bench_merges_runs_into_one_table_and_picture(tmp_path, monkeypatch):
     """bench/budget_curve.py --merge: several sittings' curve.json in one table and one picture, a budget
     with several seeds drawn at its mean (the headline), nothing run."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("budget_curve", Path(__file__).parents[1] / "bench" / "budget_curve.py")
-    curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curve)
+    from conftest import bench_module
+    curve = bench_module("budget_curve")
 
     def row(system, budget, seed, acc, wall):
         return dict(system=system, budget=budget, seed=seed, test_acc=acc, wall_seconds=wall, epochs=1.0)

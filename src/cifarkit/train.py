@@ -362,8 +362,6 @@ def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) ->
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         fitted = time.time()
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
-        if plan is not None:
-            cfg.plan = plan.to_dict()  # with its re-plan, if there was one
         if trainer.is_global_zero:
             _write_results(cfg, dm, module, trainer, test, run, start, resumed_step)
             # T in the weights' metadata: predictions are calibrated (from this run's own logits)
