@@ -3,6 +3,7 @@ short run that finishes inside its budget."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -129,44 +130,66 @@ class _Clock:
         return self.now
 
 
-@pytest.mark.parametrize("speeds", [
-    [0.80, 0.80, 0.80, 0.80, 0.80, 0.80, 0.80, 0.80],      # slower than measured throughout
-    [0.80, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45],      # slow first, then faster than measured
-    [0.40, 0.70, 0.55, 0.75, 0.40, 0.70, 0.55, 0.75],      # a shared machine's swings
-])
-def test_the_guard_replans_until_the_run_ends_on_its_budget(monkeypatch, speeds):
-    """The callback on a fake clock: full-size epochs at true step times that are not the measured
-    one; the run (training, then the planned test) ends within 5% of its budget."""
+def _run_guard(monkeypatch, plan, speeds, start_spent=15.0):
+    """Drive the budget callback on a fake clock: epoch e's steps take speeds[e] seconds each (the last
+    speed from then on). Returns the finish (training, then the planned test) and the steps trained."""
     from types import SimpleNamespace
 
     import cifarkit.budget as budget
     clock = _Clock()
     monkeypatch.setattr(budget.time, "time", clock)
     monkeypatch.setattr(budget.time, "perf_counter", clock)
-    plan = plan_schedule(900, 15.0, **{**FAST, "low_res_share": 0.0})  # measured 0.55 s a step
     total = [plan.total_steps]
     module = SimpleNamespace(steps=plan.total_steps, total_steps=lambda: module.steps)
     guard = SimpleNamespace(stop_at_step=plan.total_steps)
     sched = SimpleNamespace(retarget=total.append)
     trainer = SimpleNamespace(global_step=0, current_epoch=0, should_stop=False,
                               lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
-                              fit_loop=SimpleNamespace(max_epochs=6))
-    start = clock.now - 15.0                                           # 15 s spent before training
+                              fit_loop=SimpleNamespace(max_epochs=math.ceil(plan.epochs)))
+    start = clock.now - start_spent                                    # spent before training
     saved = []
     cb = budget.budget_callback(plan, start, guard, module, on_replan=saved.append)
     cb.on_train_start(trainer, None)
     while trainer.global_step < guard.stop_at_step:
         cb.on_train_epoch_start(trainer, None)
-        steps = min(196, guard.stop_at_step - trainer.global_step)
+        steps = min(plan.steps_per_epoch, guard.stop_at_step - trainer.global_step)
         clock.now += steps * speeds[min(trainer.current_epoch, len(speeds) - 1)]
         trainer.global_step += steps
         cb.on_train_epoch_end(trainer, None)
         trainer.current_epoch += 1
         assert trainer.current_epoch <= trainer.fit_loop.max_epochs
-    finish = clock.now + plan.test_seconds - start
-    assert 900 * (1 - MARGIN - 0.05) <= finish <= 900 * 1.05, (finish, plan.replanned)
-    assert total[-1] == guard.stop_at_step == module.steps == plan.total_steps and plan.replanned
+    assert total[-1] == guard.stop_at_step == module.steps == plan.total_steps
     assert saved and saved[-1] is plan                                 # each re-plan handed on (to config.yaml)
+    return clock.now + plan.test_seconds - start, trainer.global_step
+
+
+@pytest.mark.parametrize("speeds", [
+    [0.80, 0.80, 0.80, 0.80, 0.80, 0.80, 0.80, 0.80],      # slower than measured throughout
+    [0.80, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45, 0.45],      # slow first, then faster than measured
+    [0.40, 0.70, 0.55, 0.75, 0.40, 0.70, 0.55, 0.75],      # a shared machine's swings
+])
+def test_the_guard_replans_until_the_run_ends_on_its_budget(monkeypatch, speeds):
+    """Full-size epochs at true step times that are not the measured one (0.55 s): the run ends within
+    5% of its budget."""
+    plan = plan_schedule(900, 15.0, **{**FAST, "low_res_share": 0.0})
+    finish, _ = _run_guard(monkeypatch, plan, speeds)
+    assert 900 * (1 - MARGIN - 0.05) <= finish <= 900 * 1.05, (finish, plan.replanned)
+
+
+@pytest.mark.parametrize("low_speed", [0.48, 0.20])
+def test_a_mistimed_low_res_step_is_replanned_in_the_low_res_epochs(monkeypatch, low_speed):
+    """The first steps timed 0.30 s at 24 px, and the low-res epochs run at another speed: the first
+    low-res epoch's end re-plans (not the first full-size one, too late to change much), the low-res
+    epochs stay as planned, and the run ends within 5% of its budget."""
+    plan = plan_schedule(900, 15.0, **FAST)
+    low_steps = plan.low_res_epochs * plan.steps_per_epoch
+    assert plan.low_res_epochs >= 2
+    speeds = [low_speed] * plan.low_res_epochs + [0.55] * 20
+    finish, steps = _run_guard(monkeypatch, plan, speeds)
+    assert plan.replanned[0][0] == plan.steps_per_epoch, plan.replanned
+    assert "low-res steps" in plan.replanned[0][3] and steps > low_steps
+    assert (plan.replanned[0][2] < plan.replanned[0][1]) == (low_speed > 0.30)
+    assert 900 * (1 - MARGIN - 0.05) <= finish <= 900 * 1.05, (finish, plan.replanned)
 
 
 def test_a_command_counts_its_budget_from_its_process_start(monkeypatch):

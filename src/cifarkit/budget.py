@@ -7,10 +7,11 @@ is planned, not cut: the first steps are timed at each image size the recipe tra
 steps on the run's own net, whose weights are then put back), one test batch is timed, and the
 number of epochs is the most that fits. The recipe keeps its proportions: the share of low-res
 epochs, the share of epochs the whitening bias trains, the one-cycle's warm-up share and the
-lookahead's averaging follow the planned length. At the end of every full-size epoch the finish
-is predicted from the average step time so far, and the remaining steps are re-planned when it
-falls past the budget or more than 5% short of the plan (the one-cycle's anneal goes on from where
-it is). A resumed run re-plans its remaining steps to the budget that is left.
+lookahead's averaging follow the planned length. At the end of every epoch the finish is
+predicted from the average step time so far at each image size, and the remaining steps are
+re-planned when it falls past the budget or more than 5% short of the plan (the one-cycle's anneal
+goes on from where it is; the low-res epochs stay as planned). A resumed run re-plans its
+remaining steps to the budget that is left.
 """
 from __future__ import annotations
 
@@ -192,8 +193,8 @@ def measure_eval(module, dm, precision: str):
 
 
 def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
-    """A Lightning callback that re-plans the remaining steps: at the end of each full-size epoch after
-    which the predicted finish (from the average full-size step time so far) is past the budget or
+    """A Lightning callback that re-plans the remaining steps: at the end of each epoch after which the
+    predicted finish (from the average step time so far at each image size) is past the budget or
     more than DRIFT short of the planned finish, and at the start of a resumed run (then from the
     budget left when its checkpoint was written). on_replan(plan): called after each re-plan."""
     import lightning as L
@@ -201,7 +202,7 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
     class BudgetGuard(L.Callback):
         def __init__(self):
             self.epoch_start = self.last_end = None
-            self.full_seconds, self.full_steps = 0.0, 0  # full-size training so far, in this process
+            self.so_far: dict = {}  # image size -> [seconds, steps] of training so far, in this process
             self.resumed_spent: float | None = None  # the budget spent before an interruption
 
         def state_dict(self) -> dict:
@@ -223,27 +224,36 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             now, last_end, self.last_end = time.perf_counter(), self.last_end, time.perf_counter()
-            low = trainer.current_epoch < plan.low_res_epochs
             steps = trainer.global_step - self.epoch_steps
-            if low or steps < plan.steps_per_epoch or trainer.should_stop:
+            if steps < plan.steps_per_epoch or trainer.should_stop:
                 return
-            # the full-size step time so far, from the end of the epoch before: what happens between
+            low = plan.low_res and trainer.current_epoch < plan.low_res_epochs
+            size = plan.low_res if low else max(plan.step_seconds)
+            # the step time at this size so far, from the end of the epoch before: what happens between
             # epochs (the checkpoint) counts too. A shared machine's speed swings from minute to
-            # minute, so every full-size epoch end predicts the finish from the average so far.
-            self.full_seconds += now - (last_end or self.epoch_start) - plan.val_seconds
-            self.full_steps += steps
-            measured = self.full_seconds / self.full_steps
-            expected = plan.step_seconds[max(plan.step_seconds)]
+            # minute, so every epoch end predicts the finish from the averages so far.
+            so_far = self.so_far.setdefault(size, [0.0, 0])
+            so_far[0] += now - (last_end or self.epoch_start) - plan.val_seconds
+            so_far[1] += steps
+            measured = so_far[0] / so_far[1]
+            expected = plan.step_seconds[size]
+            per_step = {k: (self.so_far[k][0] / self.so_far[k][1] if k in self.so_far else v)
+                        + plan.val_seconds / plan.steps_per_epoch for k, v in plan.step_seconds.items()}
+            full = max(plan.step_seconds)
+            todo = module.total_steps() - trainer.global_step
+            low_left = min(todo, max(0, plan.low_res_epochs * plan.steps_per_epoch - trainer.global_step))
+            full_left = todo - low_left
+            low_seconds = low_left * per_step[plan.low_res] if low_left else 0.0
             elapsed = time.time() - start
-            per_step = measured + plan.val_seconds / plan.steps_per_epoch
-            finish = elapsed + (module.total_steps() - trainer.global_step) * per_step + plan.test_seconds
+            finish = elapsed + low_seconds + full_left * per_step[full] + plan.test_seconds
             if plan.budget * (1 - MARGIN - DRIFT) <= finish <= plan.budget:
                 return
-            left = plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds
-            total = trainer.global_step + max(1, int(left / per_step))
-            plan.step_seconds[max(plan.step_seconds)] = measured
-            self._retarget(trainer, total, f"full-size steps so far ran at {measured / expected:.0%} of the "
-                                           f"planned step time (predicted finish {finish:.0f} s)")
+            left = plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds - low_seconds
+            total = trainer.global_step + low_left + max(1, int(left / per_step[full]))
+            plan.step_seconds[size] = measured
+            self._retarget(trainer, total, f"{'low-res' if low else 'full-size'} steps so far ran at "
+                                           f"{measured / expected:.0%} of the planned step time "
+                                           f"(predicted finish {finish:.0f} s)")
 
         def _retarget(self, trainer, total: int, why: str) -> None:
             before = module.total_steps()
