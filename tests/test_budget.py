@@ -174,6 +174,7 @@ def test_the_guard_replans_until_the_run_ends_on_its_budget(monkeypatch, speeds)
     plan = plan_schedule(900, 15.0, **{**FAST, "low_res_share": 0.0})
     finish, _ = _run_guard(monkeypatch, plan, speeds)
     assert 900 * (1 - MARGIN - 0.05) <= finish <= 900 * 1.05, (finish, plan.replanned)
+    assert plan.replanned
 
 
 @pytest.mark.parametrize("low_speed", [0.48, 0.20])

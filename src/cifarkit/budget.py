@@ -235,21 +235,22 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
             so_far = self.so_far.setdefault(size, [0.0, 0])
             so_far[0] += now - (last_end or self.epoch_start) - plan.val_seconds
             so_far[1] += steps
-            measured = so_far[0] / so_far[1]
-            expected = plan.step_seconds[size]
-            per_step = {k: (self.so_far[k][0] / self.so_far[k][1] if k in self.so_far else v)
-                        + plan.val_seconds / plan.steps_per_epoch for k, v in plan.step_seconds.items()}
+
+            def per_step(k):  # a step at size k with its share of validation: measured so far, or planned
+                seconds, n = self.so_far.get(k, (plan.step_seconds[k], 1))
+                return seconds / n + plan.val_seconds / plan.steps_per_epoch
+
             full = max(plan.step_seconds)
             todo = module.total_steps() - trainer.global_step
             low_left = min(todo, max(0, plan.low_res_epochs * plan.steps_per_epoch - trainer.global_step))
-            full_left = todo - low_left
-            low_seconds = low_left * per_step[plan.low_res] if low_left else 0.0
+            low_seconds = low_left * per_step(plan.low_res) if low_left else 0.0
             elapsed = time.time() - start
-            finish = elapsed + low_seconds + full_left * per_step[full] + plan.test_seconds
+            finish = elapsed + low_seconds + (todo - low_left) * per_step(full) + plan.test_seconds
             if plan.budget * (1 - MARGIN - DRIFT) <= finish <= plan.budget:
                 return
             left = plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds - low_seconds
-            total = trainer.global_step + low_left + max(1, int(left / per_step[full]))
+            total = trainer.global_step + low_left + max(1, int(left / per_step(full)))
+            expected, measured = plan.step_seconds[size], so_far[0] / so_far[1]
             plan.step_seconds[size] = measured
             self._retarget(trainer, total, f"{'low-res' if low else 'full-size'} steps so far ran at "
                                            f"{measured / expected:.0%} of the planned step time "
