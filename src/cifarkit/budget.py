@@ -26,8 +26,8 @@ import torch
 from .console import log
 from .errors import CifarkitError
 
-MARGIN = 0.03        # of the budget kept in reserve against the clock's noise
-DRIFT = 0.05         # of the budget: re-plan when the predicted finish is this much short of the plan
+MARGIN = 0.015       # of the budget kept in reserve against the clock's noise
+DRIFT = 0.035        # re-plan when the predicted finish is more than MARGIN + DRIFT (5%) short of the budget
 OVERRUN = 0.05       # a run this much past its budget says so, and why
 TIMED_STEPS = 6      # steps timed per image size, after WARMUP_STEPS untimed ones
 WARMUP_STEPS = 2
