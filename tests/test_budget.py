@@ -130,9 +130,10 @@ class _Clock:
         return self.now
 
 
-def _run_guard(monkeypatch, plan, speeds, start_spent=15.0):
+def _run_guard(monkeypatch, plan, speeds, start_spent=15.0, resumed=None):
     """Drive the budget callback on a fake clock: epoch e's steps take speeds[e] seconds each (the last
-    speed from then on). Returns the finish (training, then the planned test) and the steps trained."""
+    speed from then on). resumed=(epochs done, seconds spent before the interruption): a resumed run.
+    Returns the finish (training, then the planned test, from the first start) and the steps trained."""
     from types import SimpleNamespace
 
     import cifarkit.budget as budget
@@ -143,12 +144,16 @@ def _run_guard(monkeypatch, plan, speeds, start_spent=15.0):
     module = SimpleNamespace(steps=plan.total_steps, total_steps=lambda: module.steps)
     guard = SimpleNamespace(stop_at_step=plan.total_steps)
     sched = SimpleNamespace(retarget=total.append)
-    trainer = SimpleNamespace(global_step=0, current_epoch=0, should_stop=False,
+    epochs_done, spent_before = resumed or (0, 0.0)
+    trainer = SimpleNamespace(global_step=epochs_done * plan.steps_per_epoch, current_epoch=epochs_done,
+                              should_stop=False,
                               lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
                               fit_loop=SimpleNamespace(max_epochs=math.ceil(plan.epochs)))
     start = clock.now - start_spent                                    # spent before training
     saved = []
     cb = budget.budget_callback(plan, start, guard, module, on_replan=saved.append)
+    if resumed:
+        cb.load_state_dict({"spent": spent_before})
     cb.on_train_start(trainer, None)
     while trainer.global_step < guard.stop_at_step:
         cb.on_train_epoch_start(trainer, None)
@@ -160,7 +165,7 @@ def _run_guard(monkeypatch, plan, speeds, start_spent=15.0):
         assert trainer.current_epoch <= trainer.fit_loop.max_epochs
     assert total[-1] == guard.stop_at_step == module.steps == plan.total_steps
     assert saved and saved[-1] is plan                                 # each re-plan handed on (to config.yaml)
-    return clock.now + plan.test_seconds - start, trainer.global_step
+    return spent_before + clock.now + plan.test_seconds - start, trainer.global_step
 
 
 @pytest.mark.parametrize("speeds", [
@@ -175,6 +180,30 @@ def test_the_guard_replans_until_the_run_ends_on_its_budget(monkeypatch, speeds)
     finish, _ = _run_guard(monkeypatch, plan, speeds)
     assert 900 * 0.95 <= finish <= 900 * 1.05, (finish, plan.replanned)
     assert plan.replanned
+
+
+def test_the_predicted_finish_after_a_replan_counts_the_time_really_spent(monkeypatch):
+    """45 s more went before training than when the plan was made (steps at the measured speed): the
+    guard cuts steps, and the plan's predicted finish (shown in the report, used by the overrun
+    notice) is the re-planned one, not the first plan's start with fewer steps."""
+    plan = plan_schedule(900, 15.0, **{**FAST, "low_res_share": 0.0})
+    finish, _ = _run_guard(monkeypatch, plan, [0.55], start_spent=60.0)
+    assert plan.replanned and plan.replanned[0][2] < plan.replanned[0][1]
+    assert 900 * 0.95 <= finish <= 900 * 1.05
+    assert plan.predicted() == pytest.approx(finish, abs=0.55)    # within a step of the true finish
+    assert plan.to_dict()["predicted_seconds"] == pytest.approx(finish, abs=0.6)
+
+
+def test_a_resumed_run_replans_to_the_budget_left(monkeypatch):
+    """Interrupted after 3 of its epochs with 300 s of its 900 spent, restarted 10 s ago: the remaining
+    steps are re-planned to the 590 s left, and the whole run (both sittings) ends on the budget."""
+    plan = plan_schedule(900, 15.0, **{**FAST, "low_res_share": 0.0})
+    planned = plan.total_steps
+    finish, steps = _run_guard(monkeypatch, plan, [0.55], start_spent=10.0, resumed=(3, 300.0))
+    assert plan.replanned[0][0] == 3 * 196 and plan.replanned[0][3] == "resumed with the budget left"
+    assert plan.replanned[0][2] > planned                  # 300 s for 3 epochs was ahead of plan: more steps
+    assert 900 * 0.95 <= finish <= 900 * 1.05, (finish, plan.replanned)
+    assert plan.predicted() == pytest.approx(finish, abs=0.6)
 
 
 @pytest.mark.parametrize("low_speed", [0.48, 0.20])

@@ -71,6 +71,7 @@ class Plan:
     low_res: int                  # px of the low-res epochs (0: none)
     batch_size: int
     replanned: list = field(default_factory=list)  # (at step, total steps before, after, why)
+    finish: float = 0.0           # the finish predicted at the last re-plan (0: not re-planned)
 
     @property
     def total_steps(self) -> int:
@@ -84,6 +85,8 @@ class Plan:
         return {size: round(self.batch_size / s, 1) for size, s in self.step_seconds.items()}
 
     def predicted(self) -> float:
+        if self.finish:  # re-planned: from the time spent then and the step times measured so far
+            return self.finish
         low = min(self.low_res_epochs, self.epochs)
         return (self.spent + low * self.epoch_seconds(True) + (self.epochs - low) * self.epoch_seconds(False)
                 + self.test_seconds)
@@ -205,19 +208,23 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
             self.so_far: dict = {}  # image size -> [seconds, steps] of training so far, in this process
             self.resumed_spent: float | None = None  # the budget spent before an interruption
 
+        def spent(self) -> float:  # of the budget, both sittings of a resumed run
+            return time.time() - start + (self.resumed_spent or 0.0)
+
         def state_dict(self) -> dict:
-            return {"spent": time.time() - start + (self.resumed_spent or 0.0), "plan": plan.to_dict()}
+            return {"spent": self.spent(), "plan": plan.to_dict()}
 
         def load_state_dict(self, state: dict) -> None:
             self.resumed_spent = float(state["spent"])
 
         def on_train_start(self, trainer, pl_module) -> None:
             if self.resumed_spent is not None:  # a resumed run: what is left, from here
-                left = plan.budget - self.resumed_spent - (time.time() - start)
+                left = plan.budget - self.spent()
                 done = trainer.global_step
-                todo = max(1, int((left * (1 - MARGIN) - plan.test_seconds)
-                                  / (plan.epoch_seconds(False) / plan.steps_per_epoch)))
-                self._retarget(trainer, done + todo, "resumed with the budget left")
+                per_step = plan.epoch_seconds(False) / plan.steps_per_epoch
+                todo = max(1, int((left * (1 - MARGIN) - plan.test_seconds) / per_step))
+                self._retarget(trainer, done + todo, "resumed with the budget left",
+                               plan.budget - left + todo * per_step + plan.test_seconds)
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self.epoch_start, self.epoch_steps = time.perf_counter(), trainer.global_step
@@ -244,7 +251,7 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
             todo = module.total_steps() - trainer.global_step
             low_left = min(todo, max(0, plan.low_res_epochs * plan.steps_per_epoch - trainer.global_step))
             low_seconds = low_left * per_step(plan.low_res) if low_left else 0.0
-            elapsed = time.time() - start
+            elapsed = self.spent()
             finish = elapsed + low_seconds + (todo - low_left) * per_step(full) + plan.test_seconds
             if plan.budget * (1 - MARGIN - DRIFT) <= finish <= plan.budget:
                 return
@@ -254,13 +261,16 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
             plan.step_seconds[size] = measured
             self._retarget(trainer, total, f"{'low-res' if low else 'full-size'} steps so far ran at "
                                            f"{measured / expected:.0%} of the planned step time "
-                                           f"(predicted finish {finish:.0f} s)")
+                                           f"(predicted finish {finish:.0f} s)",
+                           elapsed + low_seconds + (total - trainer.global_step - low_left) * per_step(full)
+                           + plan.test_seconds)
 
-        def _retarget(self, trainer, total: int, why: str) -> None:
+        def _retarget(self, trainer, total: int, why: str, finish: float) -> None:
             before = module.total_steps()
             if total == before:
                 return
             plan.replanned.append([trainer.global_step, before, total, why])
+            plan.finish = finish
             plan.epochs = total / plan.steps_per_epoch
             module.steps = guard.stop_at_step = total
             for config in trainer.lr_scheduler_configs:
