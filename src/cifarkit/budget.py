@@ -9,7 +9,7 @@ number of epochs is the most that fits. The recipe keeps its proportions: the sh
 epochs, the share of epochs the whitening bias trains, the one-cycle's warm-up share and the
 lookahead's averaging follow the planned length. At the end of every epoch the finish is
 predicted from the average step time so far at each image size, and the remaining steps are
-re-planned when it falls past the budget or more than 5% short of the plan (the one-cycle's anneal
+re-planned when it falls past the budget or more than 5% short of it (the one-cycle's anneal
 goes on from where it is; the low-res epochs stay as planned). A resumed run re-plans its
 remaining steps to the budget that is left.
 """
