@@ -198,7 +198,7 @@ def measure_eval(module, dm, precision: str):
 def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
     """A Lightning callback that re-plans the remaining steps: at the end of each epoch after which the
     predicted finish (from the average step time so far at each image size) is past the budget or
-    more than DRIFT short of the planned finish, and at the start of a resumed run (then from the
+    more than MARGIN + DRIFT short of it, and at the start of a resumed run (then from the
     budget left when its checkpoint was written). on_replan(plan): called after each re-plan."""
     import lightning as L
 
@@ -252,7 +252,12 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
             low_left = min(todo, max(0, plan.low_res_epochs * plan.steps_per_epoch - trainer.global_step))
             low_seconds = low_left * per_step(plan.low_res) if low_left else 0.0
             elapsed = self.spent()
-            finish = elapsed + low_seconds + (todo - low_left) * per_step(full) + plan.test_seconds
+
+            def finish_at(total):  # the predicted finish of a run of `total` steps
+                return (elapsed + low_seconds + (total - trainer.global_step - low_left) * per_step(full)
+                        + plan.test_seconds)
+
+            finish = finish_at(module.total_steps())
             if plan.budget * (1 - MARGIN - DRIFT) <= finish <= plan.budget:
                 return
             left = plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds - low_seconds
@@ -261,9 +266,7 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
             plan.step_seconds[size] = measured
             self._retarget(trainer, total, f"{'low-res' if low else 'full-size'} steps so far ran at "
                                            f"{measured / expected:.0%} of the planned step time "
-                                           f"(predicted finish {finish:.0f} s)",
-                           elapsed + low_seconds + (total - trainer.global_step - low_left) * per_step(full)
-                           + plan.test_seconds)
+                                           f"(predicted finish {finish:.0f} s)", finish_at(total))
 
         def _retarget(self, trainer, total: int, why: str, finish: float) -> None:
             before = module.total_steps()
