@@ -42,7 +42,9 @@ def test_the_plan_fits_the_budget_and_keeps_the_recipes_proportions(budget):
     full = (plan.epochs - plan.low_res_epochs) * 196 * 0.55
     finish = 15.0 + low + full + 20.0
     assert finish == pytest.approx(budget * (1 - MARGIN), rel=1e-6) and finish == pytest.approx(plan.predicted())
-    assert plan.low_res_epochs == int(4 / 9 * plan.epochs)        # the preset's share, whole epochs
+    # the preset's share, in whole epochs, and at most half of the run
+    assert plan.low_res_epochs <= plan.epochs / 2
+    assert abs(plan.low_res_epochs - 4 / 9 * plan.epochs) <= 0.5 or plan.low_res_epochs == int(plan.epochs / 2)
     assert plan.total_steps == -(-plan.epochs * 196 // 1)
     longer = plan_schedule(budget * 1.5, 15.0, **FAST)
     assert longer.epochs > plan.epochs                             # more time, more training
@@ -132,7 +134,7 @@ class _Clock:
 
 def _run_guard(monkeypatch, plan, speeds, start_spent=15.0, resumed=None):
     """Drive the budget callback on a fake clock: epoch e's steps take speeds[e] seconds each (the last
-    speed from then on). resumed=(epochs done, seconds spent before the interruption): a resumed run.
+    speed from then on; or speeds(low): by whether the epoch is low-res, as the guard left it). resumed=(epochs done, seconds spent before the interruption): a resumed run.
     Returns the finish (training, then the planned test, from the first start) and the steps trained."""
     from types import SimpleNamespace
 
@@ -148,7 +150,8 @@ def _run_guard(monkeypatch, plan, speeds, start_spent=15.0, resumed=None):
     trainer = SimpleNamespace(global_step=epochs_done * plan.steps_per_epoch, current_epoch=epochs_done,
                               should_stop=False,
                               lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
-                              fit_loop=SimpleNamespace(max_epochs=math.ceil(plan.epochs)))
+                              fit_loop=SimpleNamespace(max_epochs=math.ceil(plan.epochs)),
+                              datamodule=SimpleNamespace(augment=SimpleNamespace(low_res_epochs=plan.low_res_epochs)))
     start = clock.now - start_spent                                    # spent before training
     saved = []
     cb = budget.budget_callback(plan, start, guard, module, on_replan=saved.append)
@@ -158,12 +161,14 @@ def _run_guard(monkeypatch, plan, speeds, start_spent=15.0, resumed=None):
     while trainer.global_step < guard.stop_at_step:
         cb.on_train_epoch_start(trainer, None)
         steps = min(plan.steps_per_epoch, guard.stop_at_step - trainer.global_step)
-        clock.now += steps * speeds[min(trainer.current_epoch, len(speeds) - 1)]
+        low = trainer.current_epoch < trainer.datamodule.augment.low_res_epochs
+        clock.now += steps * (speeds(low) if callable(speeds) else speeds[min(trainer.current_epoch, len(speeds) - 1)])
         trainer.global_step += steps
         cb.on_train_epoch_end(trainer, None)
         trainer.current_epoch += 1
         assert trainer.current_epoch <= trainer.fit_loop.max_epochs
     assert total[-1] == guard.stop_at_step == module.steps == plan.total_steps
+    assert trainer.datamodule.augment.low_res_epochs == plan.low_res_epochs   # the data follows the plan
     assert saved and saved[-1] is plan                                 # each re-plan handed on (to config.yaml)
     return spent_before + clock.now + plan.test_seconds - start, trainer.global_step
 
@@ -206,19 +211,32 @@ def test_a_resumed_run_replans_to_the_budget_left(monkeypatch):
     assert plan.predicted() == pytest.approx(finish, abs=0.6)
 
 
-@pytest.mark.parametrize("low_speed", [0.48, 0.20])
+@pytest.mark.parametrize("low_speed", [0.60, 0.20])
 def test_a_mistimed_low_res_step_is_replanned_in_the_low_res_epochs(monkeypatch, low_speed):
     """The first steps timed 0.30 s at 24 px, and the low-res epochs run at another speed: the first
-    low-res epoch's end re-plans (not the first full-size one, too late to change much), the low-res
-    epochs stay as planned, and the run ends within 5% of its budget."""
+    low-res epoch's end re-plans (not the first full-size one, too late to change much), the number of
+    low-res epochs follows the new length in the recipe's share (fewer when they run slow, more when
+    fast), and the run ends within 5% of its budget."""
     plan = plan_schedule(900, 15.0, **FAST)
-    low_steps = plan.low_res_epochs * plan.steps_per_epoch
-    assert plan.low_res_epochs >= 2
-    speeds = [low_speed] * plan.low_res_epochs + [0.55] * 20
-    finish, steps = _run_guard(monkeypatch, plan, speeds)
+    first = plan.low_res_epochs
+    assert first >= 2
+    finish, steps = _run_guard(monkeypatch, plan, lambda low: low_speed if low else 0.55)
     assert plan.replanned[0][0] == plan.steps_per_epoch, plan.replanned
-    assert "low-res steps" in plan.replanned[0][3] and steps > low_steps
+    assert "low-res steps" in plan.replanned[0][3] and steps > plan.low_res_epochs * plan.steps_per_epoch
     assert (plan.replanned[0][2] < plan.replanned[0][1]) == (low_speed > 0.30)
+    assert (plan.low_res_epochs < first) == (low_speed > 0.30) and plan.low_res_epochs != first
+    assert abs(plan.low_res_epochs - 4 / 9 * plan.epochs) <= 1, (plan.low_res_epochs, plan.epochs)
+    assert 900 * 0.95 <= finish <= 900 * 1.05, (finish, plan.replanned)
+
+
+def test_the_low_res_epochs_already_trained_stay_when_a_replan_cuts_deep(monkeypatch):
+    """The third low-res epoch runs 10x slower than measured: the recipe's share of the epochs that
+    still fit is 2, but 3 are trained, so the low-res part ends there (not below), and the run still
+    ends on its budget."""
+    plan = plan_schedule(900, 15.0, **FAST)
+    assert plan.low_res_epochs >= 4
+    finish, _ = _run_guard(monkeypatch, plan, [0.30, 0.30, 3.0, 0.55])
+    assert plan.low_res_epochs == 3 and "3 low-res epochs instead of" in plan.replanned[0][3], plan.replanned
     assert 900 * 0.95 <= finish <= 900 * 1.05, (finish, plan.replanned)
 
 

@@ -10,8 +10,8 @@ epochs, the share of epochs the whitening bias trains, the one-cycle's warm-up s
 lookahead's averaging follow the planned length. At the end of every epoch the finish is
 predicted from the average step time so far at each image size, and the remaining steps are
 re-planned when it falls past the budget or more than 5% short of it (the one-cycle's anneal
-goes on from where it is; the low-res epochs stay as planned). A resumed run re-plans its
-remaining steps to the budget that is left.
+goes on from where it is; a re-plan in the low-res epochs sets how many there are from the new
+length, in the recipe's share). A resumed run re-plans its remaining steps to the budget that is left.
 """
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ class Plan:
     batch_size: int
     replanned: list = field(default_factory=list)  # (at step, total steps before, after, why)
     finish: float = 0.0           # the finish predicted at the last re-plan (0: not re-planned)
+    low_res_share: float = 0.0    # the recipe's share of low-res epochs, kept by re-plans in them
 
     @property
     def total_steps(self) -> int:
@@ -109,13 +110,12 @@ class Plan:
 def plan_schedule(budget: float, spent: float, step_seconds: dict, steps_per_epoch: int, test_seconds: float,
                   val_seconds: float, batch_size: int, low_res: int = 0, low_res_share: float = 0.0,
                   min_epochs: float = 1.0) -> Plan:
-    """The most epochs that fit: low_res_share of them (whole epochs, rounded down) at low_res px."""
+    """The most epochs that fit: low_res_share of them (whole epochs, the nearest) at low_res px."""
     plan = Plan(budget, spent, dict(step_seconds), steps_per_epoch, test_seconds, val_seconds, 0.0, 0,
-                low_res if low_res_share else 0, batch_size)
+                low_res if low_res_share else 0, batch_size, low_res_share=low_res_share if low_res else 0.0)
     left = budget * (1 - MARGIN) - spent - test_seconds
     low, full = plan.epoch_seconds(True), plan.epoch_seconds(False)
-    mixed = low_res_share * low + (1 - low_res_share) * full if plan.low_res else full
-    plan.low_res_epochs = int(low_res_share * left / mixed) if plan.low_res else 0
+    plan.low_res_epochs = low_res_count(plan, left, 0, low, full)
     plan.epochs = plan.low_res_epochs + (left - plan.low_res_epochs * low) / full
     if plan.epochs < min_epochs:  # then no epoch is at low res: the least is min_epochs at full size
         least = (spent + test_seconds + min_epochs * full) / (1 - MARGIN)
@@ -123,6 +123,17 @@ def plan_schedule(budget: float, spent: float, step_seconds: dict, steps_per_epo
                             f"here, less than {min_epochs:g} epoch ({full:.0f} s); the least that makes sense on "
                             f"this machine is about --time-budget {format_seconds(least)}")
     return plan
+
+
+def low_res_count(plan: Plan, left: float, done: int, low: float, full: float) -> int:
+    """How many of a run's epochs are low-res when `left` seconds remain after `done` epochs, all of them
+    low-res, and a low-res and a full-size epoch take `low` and `full` seconds: the recipe's share of
+    the epochs that fit, whole epochs (the nearest), at most half of the run, at least those done."""
+    share = plan.low_res_share if plan.low_res else 0.0
+    if not share:
+        return 0
+    epochs = (left + done * low) / (share * low + (1 - share) * full)  # (share e - done) low + (1 - share) e full = left
+    return max(done, min(round(share * epochs), int(epochs / 2)))
 
 
 def scale_recipe(cfg, plan: Plan, preset_epochs: float) -> None:
@@ -247,30 +258,39 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
                 seconds, n = self.so_far.get(k, (plan.step_seconds[k], 1))
                 return seconds / n + plan.val_seconds / plan.steps_per_epoch
 
-            full = max(plan.step_seconds)
-            todo = module.total_steps() - trainer.global_step
-            low_left = min(todo, max(0, plan.low_res_epochs * plan.steps_per_epoch - trainer.global_step))
-            low_seconds = low_left * per_step(plan.low_res) if low_left else 0.0
+            full, spe, done = max(plan.step_seconds), plan.steps_per_epoch, trainer.global_step
             elapsed = self.spent()
 
-            def finish_at(total):  # the predicted finish of a run of `total` steps
-                return (elapsed + low_seconds + (total - trainer.global_step - low_left) * per_step(full)
-                        + plan.test_seconds)
+            def finish_at(total, low_epochs):  # a run of `total` steps, the first `low_epochs` epochs low-res
+                low_left = max(0, min(total, low_epochs * spe) - done)
+                return (elapsed + (low_left * per_step(plan.low_res) if low_left else 0.0)
+                        + (total - done - low_left) * per_step(full) + plan.test_seconds)
 
-            finish = finish_at(module.total_steps())
+            finish = finish_at(module.total_steps(), plan.low_res_epochs)
             if plan.budget * (1 - MARGIN - DRIFT) <= finish <= plan.budget:
                 return
-            left = plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds - low_seconds
-            total = trainer.global_step + low_left + max(1, int(left / per_step(full)))
+            left = plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds
+            low_epochs = plan.low_res_epochs
+            if low:  # still in the low-res epochs: how many follows the re-planned length
+                low_epochs = low_res_count(plan, left, trainer.current_epoch + 1, per_step(plan.low_res) * spe,
+                                           per_step(full) * spe)
+            low_left = max(0, low_epochs * spe - done)
+            if low_left:
+                left -= low_left * per_step(plan.low_res)
+            total = done + low_left + max(1, int(left / per_step(full)))
             expected, measured = plan.step_seconds[size], so_far[0] / so_far[1]
             plan.step_seconds[size] = measured
             self._retarget(trainer, total, f"{'low-res' if low else 'full-size'} steps so far ran at "
                                            f"{measured / expected:.0%} of the planned step time "
-                                           f"(predicted finish {finish:.0f} s)", finish_at(total))
+                                           f"(predicted finish {finish:.0f} s)", finish_at(total, low_epochs),
+                           low_epochs)
 
-        def _retarget(self, trainer, total: int, why: str, finish: float) -> None:
+        def _retarget(self, trainer, total: int, why: str, finish: float, low_epochs: int | None = None) -> None:
             before = module.total_steps()
-            if total == before:
+            if low_epochs is not None and low_epochs != plan.low_res_epochs:
+                why += f"; {low_epochs} low-res epochs instead of {plan.low_res_epochs}"
+                plan.low_res_epochs = trainer.datamodule.augment.low_res_epochs = low_epochs
+            elif total == before:
                 return
             plan.replanned.append([trainer.global_step, before, total, why])
             plan.finish = finish
