@@ -151,7 +151,8 @@ def _run_guard(monkeypatch, plan, speeds, start_spent=15.0, resumed=None):
                               should_stop=False,
                               lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
                               fit_loop=SimpleNamespace(max_epochs=math.ceil(plan.epochs)),
-                              datamodule=SimpleNamespace(augment=SimpleNamespace(low_res_epochs=plan.low_res_epochs)))
+                              datamodule=SimpleNamespace(
+                                  augment=SimpleNamespace(low_res_epochs=plan.low_res_epochs)))
     start = clock.now - start_spent                                    # spent before training
     saved = []
     cb = budget.budget_callback(plan, start, guard, module, on_replan=saved.append)

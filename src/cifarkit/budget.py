@@ -132,7 +132,8 @@ def low_res_count(plan: Plan, left: float, done: int, low: float, full: float) -
     share = plan.low_res_share if plan.low_res else 0.0
     if not share:
         return 0
-    epochs = (left + done * low) / (share * low + (1 - share) * full)  # (share e - done) low + (1 - share) e full = left
+    # e epochs in all: (share e - done) low + (1 - share) e full = left
+    epochs = (left + done * low) / (share * low + (1 - share) * full)
     return max(done, min(round(share * epochs), int(epochs / 2)))
 
 
