@@ -129,7 +129,7 @@ def low_res_count(plan: Plan, left: float, done: int, low: float, full: float) -
     """How many of a run's epochs are low-res when `left` seconds remain after `done` epochs, all of them
     low-res, and a low-res and a full-size epoch take `low` and `full` seconds: the recipe's share of
     the epochs that fit, whole epochs (the nearest), at most half of the run, at least those done."""
-    share = plan.low_res_share if plan.low_res else 0.0
+    share = plan.low_res_share  # 0 without low-res epochs
     if not share:
         return 0
     # e epochs in all: (share e - done) low + (1 - share) e full = left
@@ -137,12 +137,13 @@ def low_res_count(plan: Plan, left: float, done: int, low: float, full: float) -
     return max(done, min(round(share * epochs), int(epochs / 2)))
 
 
-def scale_recipe(cfg, plan: Plan, preset_epochs: float) -> None:
-    """Put the plan into the config: its length, and the recipe's epoch-counted parts in proportion."""
+def scale_recipe(cfg, plan: Plan, preset_epochs: float | None = None) -> None:
+    """Put the plan into the config: its length, its low-res epochs, and (given the preset's length, at
+    the first plan) the recipe's other epoch-counted parts in proportion."""
     cfg.epochs = round(plan.epochs, 4)
     if plan.low_res:
         cfg.augment = {**cfg.augment, "low_res_epochs": plan.low_res_epochs}
-    if cfg.whiten_bias_epochs:  # the preset's share of epochs, at least one
+    if cfg.whiten_bias_epochs and preset_epochs:  # the preset's share of epochs, at least one
         cfg.whiten_bias_epochs = max(1, round(cfg.whiten_bias_epochs * plan.epochs / preset_epochs))
     cfg.plan = plan.to_dict()
 

@@ -271,9 +271,7 @@ def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: 
                  LastCheckpoint(run.last_ckpt, cfg.ckpt_every_steps)]
     if plan is not None:
         def saved(p: Plan) -> None:  # config.yaml holds the latest plan: a resume starts from it
-            cfg.epochs, cfg.plan = round(p.epochs, 4), p.to_dict()
-            if p.low_res:
-                cfg.augment = {**cfg.augment, "low_res_epochs": p.low_res_epochs}
+            scale_recipe(cfg, p)
             run.write_config(cfg)
         callbacks.append(budget_callback(plan, start, guard, module, on_replan=saved))
     # Epoch-bounded, never max_steps: Lightning resumes a step-bounded run from an epoch-end
