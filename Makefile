@@ -36,7 +36,7 @@ browser:
 
 # Everything: unit tests, trainings on the real data, the DDP run, the app server and the browser.
 test: setup browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15   # the 15 slowest tests, to keep the suite short
 
 # Every test not marked slow (nothing trains, serves or opens a browser): a few minutes.
 test-fast: setup
