@@ -18,7 +18,7 @@ import torch
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from cifarkit.app import launch
+from cifarkit.serve.app import launch
 from cifarkit.rundir import RunDir
 
 p = argparse.ArgumentParser()

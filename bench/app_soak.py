@@ -6,7 +6,7 @@ Usage: python bench/app_soak.py RUN_DIR                 # 20 minutes, 20 clients
        python bench/app_soak.py RUN_DIR --short         # 1 minute, 5 clients (the test suite runs this)
        python bench/app_soak.py RUN_DIR --seconds 300 --clients 10 --warmup 90 --cache-seconds 30
 
-The app runs in a child process (`cifarkit.app.launch` on 127.0.0.1 and a free port, as `cifarkit
+The app runs in a child process (`cifarkit.serve.app.launch` on 127.0.0.1 and a free port, as `cifarkit
 app` runs it) with its own Gradio cache folder, so what is measured is the server alone. Its cache
 deletes uploads and answers older than --cache-seconds (the app's default is 600; shorter here so
 the cache reaches its steady state within the warm-up). Each client thread loops until the time is
@@ -50,7 +50,7 @@ MIX = {"classify": 30, "predict": 25, "mistakes": 12, "gradcam_gallery": 8, "run
 
 
 def serve(run_dir: str, port: int, cache_seconds: int) -> None:
-    from cifarkit.app import launch
+    from cifarkit.serve.app import launch
     launch(run_dir, port=port, cache_seconds=cache_seconds, quiet=True)  # blocks until killed
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from cifarkit.budget import parse_budget
+from cifarkit.train.budget import parse_budget
 from cifarkit.rundir import RunDir
-from cifarkit.sources import load_arrays
+from cifarkit.data.sources import load_arrays
 
 
 def run_cifarkit(budget: str, seed: int, out: Path, extra: list[str]) -> dict:

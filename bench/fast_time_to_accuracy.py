@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from cifarkit.rundir import RunDir
-from cifarkit.sources import load_arrays
+from cifarkit.data.sources import load_arrays
 
 p = argparse.ArgumentParser()
 p.add_argument("--preset", default="fast")

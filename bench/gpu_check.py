@@ -140,7 +140,7 @@ class Check:
         """Its train.pt / test.pt from the same decoded copy, in a fixed shuffled order (the original
         CIFAR-10 files are shuffled; an ImageFolder copy is sorted by class, which would give its
         whitening layer 5,000 images of one class)."""
-        from cifarkit.sources import load_arrays
+        from cifarkit.data.sources import load_arrays
         a = load_arrays(str(self.args.data))
         order = np.random.default_rng(0).permutation(len(a.train_y))
         (folder / "cifar10").mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def smoke_data(source, root: Path, per_class: tuple[int, int] = (10, 5)) -> Path
     smoke mode's trainings and tests take seconds on a CPU."""
     from PIL import Image
 
-    from cifarkit.sources import load_arrays
+    from cifarkit.data.sources import load_arrays
     a = load_arrays(str(source))
     for split, x, y, n in (("train", a.train_x, a.train_y, per_class[0]), ("test", a.test_x, a.test_y, per_class[1])):
         for c, name in enumerate(a.classes):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from _common import StepTimer
 from cifarkit.presets import preset_config
-from cifarkit.train import build_datamodule, build_module, resolve_precision
+from cifarkit.train.fit import build_datamodule, build_module, resolve_precision
 
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=40)

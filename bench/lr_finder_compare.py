@@ -30,10 +30,10 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
-from cifarkit.lr_finder import LRFindRefused, find_lr, save_lr_find
-from cifarkit.module import LitClassifier
+from cifarkit.train.lr_finder import LRFindRefused, find_lr, save_lr_find
+from cifarkit.train.module import LitClassifier
 from cifarkit.presets import preset_config
-from cifarkit.train import build_datamodule, build_module
+from cifarkit.train.fit import build_datamodule, build_module
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch-size", type=int, default=512, help="the seed preset's 512; smaller on a CPU")

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cifarkit.analysis import load_test_split
-from cifarkit.export import OnnxModel, export
-from cifarkit.predict import predict_files
+from cifarkit.trust.analysis import load_test_split
+from cifarkit.serve.export import OnnxModel, export
+from cifarkit.serve.predict import predict_files
 from cifarkit.weights import load
 
 p = argparse.ArgumentParser()

@@ -17,7 +17,7 @@ import yaml
 
 from cifarkit.presets import preset_config
 from cifarkit.rundir import RunDir
-from cifarkit.sources import load_arrays
+from cifarkit.data.sources import load_arrays
 
 NO_LOW_RES = {"flip": "alternate", "pad": 2, "pad_mode": "reflect"}
 VARIANTS = {

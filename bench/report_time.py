@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from cifarkit.report import write_report
+from cifarkit.report.report import write_report
 
 p = argparse.ArgumentParser()
 p.add_argument("run_dir")

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from cifarkit import robustness
-from cifarkit.augment import Augment
+from cifarkit.trust import robustness
+from cifarkit.data.augment import Augment
 from cifarkit.models import build_model
 
 p = argparse.ArgumentParser()
@@ -24,13 +24,13 @@ p.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
 args = p.parse_args()
 
 if args.run_dir:
-    from cifarkit.analysis import load_test_split
+    from cifarkit.trust.analysis import load_test_split
     from cifarkit.weights import load
     model = load(args.run_dir)
     net, normalize = model.net, model.normalize
     images, labels = load_test_split(args.run_dir)
 else:
-    from cifarkit.sources import load_arrays
+    from cifarkit.data.sources import load_arrays
     a = load_arrays(args.data)
     images, labels = a.test_x, a.test_y
     net, normalize = build_model("fast"), Augment((0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)).normalize

@@ -32,10 +32,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from _common import StepTimer
-from cifarkit.augment import Augment
+from cifarkit.data.augment import Augment
 from cifarkit.models import build_model
 from cifarkit.presets import preset_config
-from cifarkit.train import build_datamodule, build_module, fit, trainer_kwargs
+from cifarkit.train.fit import build_datamodule, build_module, fit, trainer_kwargs
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch-size", type=int, default=None, help="128 for images/s, the preset's 512 for accuracy")

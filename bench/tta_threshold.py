@@ -8,7 +8,7 @@ get the other 5. Run alone: a training on the same cores measures itself into th
 import argparse
 import time
 
-from cifarkit.train import evaluate
+from cifarkit.train.fit import evaluate
 
 p = argparse.ArgumentParser()
 p.add_argument("run_dirs", nargs="+")

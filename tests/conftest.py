@@ -84,7 +84,7 @@ def image_folder_tgz(tmp_path) -> Path:
 def tiny_run(tmp_path_factory, cifar_path) -> Path:
     """A run directory trained for a few steps on 1,000 real images (weights, config, metrics)."""
     from cifarkit.presets import preset_config
-    from cifarkit.train import fit
+    from cifarkit.train.fit import fit
     out = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = preset_config("fast", data=str(cifar_path), subset=1000, val_size=500, epochs=1,
                         batch_size=250, tta=0, out=str(out), eval_batch_size=2000)
@@ -94,7 +94,7 @@ def tiny_run(tmp_path_factory, cifar_path) -> Path:
 @pytest.fixture(scope="session")
 def reported_run(tiny_run) -> Path:
     """tiny_run with its report, gallery.npz and examples/ written (what the app needs)."""
-    from cifarkit.report import write_report
+    from cifarkit.report.report import write_report
     write_report(tiny_run)
     return tiny_run
 

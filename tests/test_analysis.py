@@ -1,6 +1,6 @@
 import numpy as np
 
-from cifarkit.analysis import Predictions, confusion, correct, mistakes, per_class_accuracy
+from cifarkit.trust.analysis import Predictions, confusion, correct, mistakes, per_class_accuracy
 
 
 def _preds(n=500, k=10, seed=0):

@@ -19,7 +19,7 @@ BAD = ("text.png", "truncated-rgb.jpg", "truncated-rgba.png")
 
 @pytest.fixture(scope="module")
 def app(reported_run):
-    from cifarkit.app import RunApp
+    from cifarkit.serve.app import RunApp
     return RunApp(reported_run)
 
 
@@ -101,7 +101,7 @@ def test_gradcam_gallery_for_each_selection(app, which):
 def served(reported_run):
     from gradio_client import Client
 
-    from cifarkit.app import launch
+    from cifarkit.serve.app import launch
     port = free_port()
     demo = launch(reported_run, port=port, prevent_thread_lock=True, quiet=True)
     yield demo, Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -155,8 +155,8 @@ def test_fifty_concurrent_clients_all_get_answers(served, files):
 
 
 def test_upload_limit_is_a_flag_of_cifarkit_app_in_gradio_units(monkeypatch, capsys, tmp_path):
-    import cifarkit.app as app_module
-    from cifarkit.app import MAX_FILE_SIZE, file_size
+    import cifarkit.serve.app as app_module
+    from cifarkit.serve.app import MAX_FILE_SIZE, file_size
     assert file_size(MAX_FILE_SIZE) == 20 * 2**20 and file_size("500kb") == 500 * 2**10 and file_size(7) == 7
     seen = {}
     monkeypatch.setattr(app_module, "launch", lambda run_dir, **kw: seen.update(kw))
@@ -170,7 +170,7 @@ def test_upload_limit_is_a_flag_of_cifarkit_app_in_gradio_units(monkeypatch, cap
 def test_an_unexpected_failure_is_one_generic_line_in_the_page_naming_no_path():
     import gradio as gr
 
-    from cifarkit.app import _ui
+    from cifarkit.serve.app import _ui
 
     def fails(path):
         return open(path).read()                                         # FileNotFoundError names the path
@@ -185,7 +185,7 @@ def test_cache_cleaner_deletes_old_uploads_answers_and_their_folders_even_while_
 
     import gradio as gr
 
-    from cifarkit.app import _CacheCleaner
+    from cifarkit.serve.app import _CacheCleaner
     with gr.Blocks() as demo:
         out = gr.Image()
     demo.GRADIO_CACHE = str(tmp_path)

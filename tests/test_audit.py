@@ -5,9 +5,9 @@ import json
 import numpy as np
 import yaml
 
-from cifarkit.audit import audit
+from cifarkit.train.audit import audit
 from cifarkit.cli import main
-from cifarkit.sources import load_arrays
+from cifarkit.data.sources import load_arrays
 from conftest import FLIPPED
 
 

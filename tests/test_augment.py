@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from cifarkit.augment import Augment
+from cifarkit.data.augment import Augment
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.25, 0.25]
 

@@ -25,7 +25,7 @@ def shots() -> Path:
 def page(reported_run):
     from playwright.sync_api import sync_playwright
 
-    from cifarkit.app import launch
+    from cifarkit.serve.app import launch
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: `make test` installs it (apt-get install -y chromium)"
     port = free_port()
     demo = launch(reported_run, port=port, prevent_thread_lock=True, quiet=True)

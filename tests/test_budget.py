@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cifarkit import CifarkitError
-from cifarkit.budget import MARGIN, overrun_notice, parse_budget, plan_schedule, scale_recipe, views_per_image
-from cifarkit.module import OneCycle
+from cifarkit.train.budget import MARGIN, overrun_notice, parse_budget, plan_schedule, scale_recipe, views_per_image
+from cifarkit.train.module import OneCycle
 from cifarkit.presets import preset_config
 
 
@@ -138,7 +138,7 @@ def _run_guard(monkeypatch, plan, speeds, start_spent=15.0, resumed=None):
     Returns the finish (training, then the planned test, from the first start) and the steps trained."""
     from types import SimpleNamespace
 
-    import cifarkit.budget as budget
+    import cifarkit.train.budget as budget
     clock = _Clock()
     monkeypatch.setattr(budget.time, "time", clock)
     monkeypatch.setattr(budget.time, "perf_counter", clock)
@@ -245,7 +245,7 @@ def test_a_command_counts_its_budget_from_its_process_start(monkeypatch):
     """`cifarkit train` hands fit the time its process started (before torch and Lightning were
     imported); main([...]) called from Python starts the clock at the call."""
     import cifarkit.cli as cli
-    import cifarkit.train as train
+    import cifarkit.train.fit as train
     seen = []
 
     def fit(cfg, resume=False, started=None):
@@ -278,7 +278,7 @@ def test_a_real_run_finishes_within_its_budget(tmp_path, cifar_path):
     assert res["time_budget"] == 60 and res["plan"]["epochs"] > 1 and res["steps"] == res["plan"]["total_steps"]
     cfg = (out / "config.yaml").read_text()
     assert "time_budget: 60s" in cfg and "total_steps:" in cfg
-    from cifarkit.report import _settings
+    from cifarkit.report.report import _settings
     from cifarkit.rundir import RunDir
     shown = dict(_settings(RunDir(out)))                 # the report's results table shows the plan
     assert shown["time budget"].startswith("1m00s: ") and "images/s at 32 px" in shown["time budget"]

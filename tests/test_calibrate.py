@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from cifarkit.calibration import calibrate_run
+from cifarkit.trust.calibration import calibrate_run
 from cifarkit.cli import main
 from cifarkit.errors import CifarkitError
 from cifarkit.models import build_model

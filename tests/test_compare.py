@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from cifarkit.cli import main
-from cifarkit.compare import compare, write_comparison
+from cifarkit.report.compare import compare, write_comparison
 from cifarkit.weights import load, save_weights
 
 

@@ -13,7 +13,7 @@ import torch
 
 from cifarkit.cli import add_config_flags, config_from_args
 from cifarkit.models import build_model
-from cifarkit.module import LitClassifier
+from cifarkit.train.module import LitClassifier
 from cifarkit.presets import PRESETS, TrainConfig, preset_config, setting
 
 
@@ -82,8 +82,8 @@ import logging, warnings, matplotlib
 matplotlib.use("svg")
 import torch, torchvision, lightning, gradio, pytorch_grad_cam  # their own filters: not cifarkit's doing
 filters, handlers = list(warnings.filters), list(logging.getLogger().handlers)
-import cifarkit, cifarkit.plots, cifarkit.report, cifarkit.train, cifarkit.app, cifarkit.cli
-from cifarkit import plots
+import cifarkit, cifarkit.report.plots, cifarkit.report.report, cifarkit.train.fit, cifarkit.serve.app, cifarkit.cli
+from cifarkit.report import plots
 import numpy as np
 fig = plots.confusion_matrix(np.eye(3, dtype=int) * 5, ["a", "b", "c"])
 import matplotlib.pyplot as plt

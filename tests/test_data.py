@@ -13,8 +13,8 @@ from PIL import Image
 
 from cifarkit import CifarkitError
 from cifarkit.cli import main
-from cifarkit.data import CIFARDataModule, balanced_subset, epoch_order, split_train_val
-from cifarkit.sources import cache_dir, load_arrays
+from cifarkit.data.datamodule import CIFARDataModule, balanced_subset, epoch_order, split_train_val
+from cifarkit.data.sources import cache_dir, load_arrays
 from conftest import CLASSES, make_image_folder
 
 
@@ -276,8 +276,8 @@ def _member(tar, name, data=b"", **kw):
 
 
 def test_archive_members_with_unsafe_names_or_links_are_skipped_and_nothing_is_written(tmp_path, notices, monkeypatch):
-    import cifarkit.sources
-    monkeypatch.setattr(cifarkit.sources, "MAX_MEMBER_MB", 1)
+    import cifarkit.data.sources
+    monkeypatch.setattr(cifarkit.data.sources, "MAX_MEMBER_MB", 1)
     root = make_image_folder(tmp_path / "toy", n_train=2, n_test=1, classes=CLASSES[:2])
     png = (root / "train" / CLASSES[0] / "0000.png").read_bytes()
     tgz = tmp_path / "box" / "hostile.tar.gz"
@@ -313,7 +313,7 @@ def test_archive_that_expands_past_the_cap_stops_with_one_line_naming_the_cap(tm
     with pytest.raises(CifarkitError, match="not a number of GiB"):
         load_arrays(str(tgz))
     monkeypatch.delenv("CIFARKIT_MAX_ARCHIVE_GB")
-    from cifarkit.sources import max_archive_bytes
+    from cifarkit.data.sources import max_archive_bytes
     assert max_archive_bytes() == 4 * 2**30
 
 

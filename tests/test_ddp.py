@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from cifarkit.checkpoints import read_checkpoint
-from cifarkit.sources import load_arrays
+from cifarkit.train.checkpoints import read_checkpoint
+from cifarkit.data.sources import load_arrays
 from cifarkit.presets import preset_config
 from cifarkit.weights import load
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarkit import CifarkitError
-from cifarkit.explain import METHODS, heatmaps, overlay
+from cifarkit.trust.explain import METHODS, heatmaps, overlay
 from cifarkit.models import build_model
 
 

@@ -9,13 +9,13 @@ from PIL import Image
 import cifarkit
 from cifarkit import CifarkitError
 from cifarkit.cli import main
-from cifarkit.export import OnnxModel, export
+from cifarkit.serve.export import OnnxModel, export
 from cifarkit.weights import load
 
 
 @pytest.fixture(scope="module")
 def real_images(tiny_run):
-    from cifarkit.analysis import load_test_split
+    from cifarkit.trust.analysis import load_test_split
     x, y = load_test_split(tiny_run)
     return x[:64], y[:64]
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cifarkit import CifarkitError
-from cifarkit.checkpoints import AtomicCheckpointIO, read_checkpoint
+from cifarkit.train.checkpoints import AtomicCheckpointIO, read_checkpoint
 from cifarkit.cli import main
 from cifarkit.models import build_model
 from cifarkit.presets import preset_config
@@ -158,7 +158,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(t
 SAVER = """
 import sys, torch
 from pathlib import Path
-from cifarkit.checkpoints import AtomicCheckpointIO
+from cifarkit.train.checkpoints import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), Path(sys.argv[1])
 for i in range(10_000):
     io.save_checkpoint({"global_step": i, "w": torch.full((16_000_000,), float(i))}, path)  # 64 MB

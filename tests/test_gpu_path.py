@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 
-from cifarkit.checkpoints import RunGuard
-from cifarkit.data import CIFARDataModule
-from cifarkit.module import LitClassifier
+from cifarkit.train.checkpoints import RunGuard
+from cifarkit.data.datamodule import CIFARDataModule
+from cifarkit.train.module import LitClassifier
 from cifarkit.presets import ON_CUDA, preset_config
 from cifarkit.rundir import RunDir
-from cifarkit.train import build_module, choose_precision
+from cifarkit.train.fit import build_module, choose_precision
 
 
 @pytest.mark.parametrize("cap, expect", [((6, 1), "32-true"), ((7, 5), "16-mixed"), ((8, 0), "bf16-mixed"),
@@ -28,7 +28,7 @@ def test_precision_auto_follows_the_cards_capability(monkeypatch, cap, expect):
 
 @pytest.mark.parametrize("has_bf16, expect", [(True, "bf16-mixed"), (False, "32-true")])
 def test_precision_auto_on_the_cpu(monkeypatch, has_bf16, expect):
-    monkeypatch.setattr("cifarkit.train.cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr("cifarkit.train.fit.cpu_has_bf16", lambda: has_bf16)
     assert choose_precision("auto", "cpu")[0] == expect
 
 

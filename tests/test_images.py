@@ -9,7 +9,7 @@ from PIL import Image
 
 from cifarkit import CifarkitError
 from cifarkit.images import MAX_PIXELS, rgb_array, rgb_batch
-from cifarkit.sources import load_arrays
+from cifarkit.data.sources import load_arrays
 from cifarkit.weights import Loaded
 
 RNG = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cifarkit.errors import CifarkitError
-from cifarkit.lr_finder import (DIVERGE_OVER_BEST, DIVERGE_OVER_START, MUON_REFUSAL, LRFind, LRFindRefused,
+from cifarkit.train.lr_finder import (DIVERGE_OVER_BEST, DIVERGE_OVER_START, MUON_REFUSAL, LRFind, LRFindRefused,
                                 check_settings, check_sweepable, find_lr, load_lr_find, plot_lr_find,
                                 save_lr_find, smooth, suggest)
 
@@ -273,7 +273,7 @@ def test_reading_and_drawing_a_record_touch_neither_pyplot_nor_lightning(tmp_pat
     (tmp_path / "lr_find.json").write_text(json.dumps(dict(lr=[1e-3, 1e-2, 1e-1], raw_loss=[2.3, 2.1, 2.4],
                                                            smooth_loss=[2.3, 2.2, 2.3], suggestion=1e-2)))
     record, png = str(tmp_path / "lr_find.json"), str(tmp_path / "x.png")
-    code = ("import sys; from cifarkit.lr_finder import load_lr_find, plot_lr_find; "
+    code = ("import sys; from cifarkit.train.lr_finder import load_lr_find, plot_lr_find; "
             f"plot_lr_find(load_lr_find({record!r})).savefig({png!r}); "
             "print(sorted(m for m in ('lightning', 'matplotlib.pyplot') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from cifarkit.data import CIFARDataModule
+from cifarkit.data.datamodule import CIFARDataModule
 from cifarkit.models import build_model
-from cifarkit.module import LitClassifier, tta_logits
+from cifarkit.train.module import LitClassifier, tta_logits
 from cifarkit.presets import TrainConfig
 
 
@@ -152,7 +152,7 @@ def test_lookahead_runs_and_the_last_step_makes_the_net_the_average(image_folder
 
 
 def test_the_proxy_selection_keeps_labels_aligned_and_picks_the_highest_loss_share():
-    from cifarkit.module import hardest
+    from cifarkit.train.module import hardest
     x = torch.arange(8).float().view(8, 1, 1, 1).expand(8, 3, 2, 2)   # image i is filled with i
     y = torch.arange(8) * 10                                          # its label is 10 i
     losses = torch.tensor([0.1, 5.0, 0.3, 4.0, 0.2, 3.0, 0.0, 2.0])

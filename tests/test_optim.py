@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from cifarkit.models import build_model
-from cifarkit.module import LitClassifier
-from cifarkit.optim import MuonSGD, orthogonalize
+from cifarkit.train.module import LitClassifier
+from cifarkit.train.optim import MuonSGD, orthogonalize
 from cifarkit.presets import TrainConfig
 
 

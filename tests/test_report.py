@@ -9,7 +9,7 @@ from PIL import Image
 
 from cifarkit import CifarkitError
 from cifarkit.cli import main
-from cifarkit.report import write_report
+from cifarkit.report.report import write_report
 
 FIGURES = ["curves.png", "lr.png", "confusion.png", "misclassified.png", "gradcam.png", "gradcam_correct.png",
            "calibration.png", "label_issues.png", "robustness.png"]
@@ -73,8 +73,8 @@ def test_a_run_too_small_to_calibrate_gets_one_line_and_every_other_part(toy_run
 
 
 def test_mean_corruption_accuracy_falls_with_severity_on_a_trained_run(toy_run, tmp_path):
-    from cifarkit import robustness
-    from cifarkit.analysis import load_test_split
+    from cifarkit.trust import robustness
+    from cifarkit.trust.analysis import load_test_split
     from cifarkit.weights import load
     model = load(toy_run)
     images, labels = load_test_split(toy_run)

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from cifarkit import CifarkitError
-from cifarkit.space import export_space
+from cifarkit.serve.space import export_space
 from conftest import bad_images, free_port
 
 

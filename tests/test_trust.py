@@ -8,9 +8,10 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from cifarkit import calibration as cal
-from cifarkit import label_issues as li
-from cifarkit import robustness as rob
+from cifarkit.trust import calibration as cal
+from cifarkit.trust import label_issues as li
+from cifarkit.trust import robustness as rob
+from cifarkit.data.datamodule import out_of_fold_splits
 from cifarkit.errors import CifarkitError
 
 
@@ -166,14 +167,14 @@ def test_label_issues_csv_round_trips(tmp_path):
 
 
 def test_out_of_fold_splits_hold_every_index_out_once_and_refuse_one_fold():
-    splits = li.out_of_fold_splits(103, 5, seed=1)
+    splits = out_of_fold_splits(103, 5, seed=1)
     held = np.concatenate([h for _, h in splits])
     assert len(splits) == 5 and sorted(held.tolist()) == list(range(103))
     for train, h in splits:
         assert not set(train) & set(h) and len(train) + len(h) == 103
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, li.out_of_fold_splits(103, 5, seed=1)))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, out_of_fold_splits(103, 5, seed=1)))
     with pytest.raises(CifarkitError) as e:
-        li.out_of_fold_splits(103, 1)
+        out_of_fold_splits(103, 1)
     assert "--folds must be at least 2" in _one_line(e)
 
 
@@ -273,6 +274,6 @@ def test_every_figure_has_axes_with_data():
 
 
 def test_the_modules_leave_the_matplotlib_backend_alone():
-    code = ("import cifarkit.calibration, cifarkit.label_issues, cifarkit.robustness, sys; "
+    code = ("import cifarkit.trust.calibration, cifarkit.trust.label_issues, cifarkit.trust.robustness, sys; "
             "assert 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,7 +1,6 @@
 """cifarkit: train, explain and demo CIFAR-10 classifiers."""
-__version__ = "0.1.0"  # the one place the version lives (pyproject reads it)
-
-from .errors import CifarkitError  # noqa: E402
+from .errors import CifarkitError
+from .version import __version__
 
 __all__ = ["CifarkitError", "__version__", "load"]
 

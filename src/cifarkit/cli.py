@@ -112,7 +112,7 @@ def _report(run_dir: Path, args) -> Path | None:
     """The report after training (its path), or a one-line notice of why it was not written."""
     if args.no_report:
         return None
-    from .report import write_report
+    from .report.report import write_report
     try:
         return write_report(run_dir) / "index.html"
     except CifarkitError as exc:
@@ -122,7 +122,7 @@ def _report(run_dir: Path, args) -> Path | None:
 
 def cmd_train(args):
     from .rundir import RunDir
-    from .train import fit, is_follower
+    from .train.fit import fit, is_follower
     try:
         run = (fit(resume_config(args), resume=True, started=args.started) if args.resume
                else fit(config_from_args(args), started=args.started))
@@ -143,14 +143,14 @@ def cmd_train(args):
 
 
 def cmd_report(args):
-    from .report import write_report
+    from .report.report import write_report
     out = write_report(args.run_dir, n=args.n, method=args.method, out=args.out,
                        corruption_images=args.corruption_images)
     print(f"report: {out / 'index.html'}")
 
 
 def cmd_audit(args):
-    from .audit import CSV_NAME, audit, check_folds
+    from .train.audit import CSV_NAME, audit, check_folds
     check_folds(args.folds)
     result = audit(args.run_dir, args.folds, args.out)
     out = Path(args.out) if args.out else Path(args.run_dir) / "audit"
@@ -158,24 +158,24 @@ def cmd_audit(args):
 
 
 def cmd_compare(args):
-    from .compare import compare, write_comparison
+    from .report.compare import compare, write_comparison
     if args.n < 1:
         raise CifarkitError(f"--n must be at least 1, got {args.n}")
     print(f"comparison: {write_comparison(compare(args.run_dirs), args.out, args.n)}")
 
 
 def cmd_calibrate(args):
-    from .calibration import calibrate_run, describe
+    from .trust.calibration import calibrate_run, describe
     print(f"calibration: {describe(calibrate_run(args.run_dir))}")
 
 
 def cmd_gradcam(args):
-    from .report import overlays_for_files
+    from .report.report import overlays_for_files
     overlays_for_files(args.run_dir, args.images, args.layer, args.method, args.alpha, args.out)
 
 
 def cmd_test(args):
-    from .train import evaluate
+    from .train.fit import evaluate
     res = evaluate(args.run_dir, args.data, args.tta, args.tta_threshold)
     print(f"test accuracy: {res['test_acc']:.4f}  test loss: {res['test_loss']:.4f}")
 
@@ -183,9 +183,9 @@ def cmd_test(args):
 def cmd_lr_find(args):
     from datetime import datetime
 
-    from .lr_finder import check_settings, find_lr, save_lr_find
+    from .train.lr_finder import check_settings, find_lr, save_lr_find
     from .rundir import RunDir
-    from .train import build_datamodule, build_module, trainer_kwargs
+    from .train.fit import build_datamodule, build_module, trainer_kwargs
     cfg = config_from_args(args)
     cfg.out = cfg.out or f"runs/lr-find-{datetime.now():%Y%m%d-%H%M%S}"
     if args.num_training:
@@ -202,7 +202,7 @@ def cmd_lr_find(args):
 
 def cmd_summary(args):
     from .models import list_models
-    from .summary import summary_table
+    from .report.summary import summary_table
     if args.list:
         print("\n".join(list_models()))
         return
@@ -210,8 +210,8 @@ def cmd_summary(args):
 
 
 def cmd_predict(args):
-    from .export import load_any
-    from .predict import collect_images, predict_files, write_csv
+    from .serve.export import load_any
+    from .serve.predict import collect_images, predict_files, write_csv
     model = load_any(args.model)
     paths, failed = collect_images(args.images)
     results, errors = predict_files(model, paths, args.top_k, args.batch_size)
@@ -233,21 +233,21 @@ def cmd_predict(args):
 
 def cmd_export(args):
     from .console import progress
-    from .export import export
+    from .serve.export import export
     with progress(f"exporting {args.format}", None):
         out = export(args.run_dir, args.format, args.out)
     print(f"exported {args.format}: {out}")
 
 
 def cmd_app(args):
-    from .app import launch
+    from .serve.app import launch
     size = {"max_file_size": args.max_file_size} if args.max_file_size else {}  # else app.MAX_FILE_SIZE
     launch(args.run_dir, host=args.host, port=args.port, **size)
 
 
 def cmd_export_space(args):
     from .console import progress
-    from .space import export_space
+    from .serve.space import export_space
     with progress("writing the Space", None):
         out = export_space(args.run_dir, args.out_dir)
     print(f"Space written to {out}; try it with: cd {out} && pip install -r requirements.txt && python app.py")
@@ -261,7 +261,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
     parser = Parser(prog="cifarkit", description="Train, explain and demo CIFAR-10 classifiers.")
     parser.add_argument("--version", action="version", version=f"cifarkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

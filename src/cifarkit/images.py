@@ -1,6 +1,6 @@
-"""The one way any image becomes what a model sees: 32x32 RGB uint8.
+"""The one way any image becomes what a model sees: 32x32 RGB uint8, then normalized floats.
 
-The dataset decoder (sources.py), `predict`, `gradcam`, the app and `load().probabilities` all call
+The dataset decoder (data/sources.py), `predict`, `gradcam`, the app and `load().probabilities` all call
 `rgb_array`, so a model is served the same conversion it was trained on:
 - a file, bytes or an open PIL image; the size is checked from the header before decoding
   (`MAX_PIXELS`), and a truncated or unknown file is one line naming the file;
@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CifarkitError
@@ -129,3 +130,10 @@ def rgb_batch(images, size: int = SIZE) -> np.ndarray:
             raise CifarkitError(f"expected uint8 images (B, {size}, {size}, 3), got {images.dtype} {images.shape}")
         return images
     return np.stack([rgb_array(im, size=size) for im in images])
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W), channels_last in memory: ((x / 255) - mean) / std."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    return ((x.float() / 255 - mean) / std).permute(0, 3, 1, 2)

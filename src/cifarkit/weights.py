@@ -17,10 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
-from .augment import normalize
+from .version import __version__
 from .errors import CifarkitError
-from .images import rgb_batch
+from .images import normalize, rgb_batch
 from .models import MODELS, build_model
 from .rundir import WEIGHTS_NAME, RunDir
 

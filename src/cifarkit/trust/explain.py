@@ -12,7 +12,7 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
-from .errors import CifarkitError
+from ..errors import CifarkitError
 
 METHODS = ("gradcam", "gradcam++", "eigencam", "layercam", "scorecam")
 DISPLAY_SIZE = 128  # 32x32 images are upscaled 4x (bicubic) so grids are legible

@@ -16,7 +16,7 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.transforms.v2 import functional as F
 
-from .errors import CifarkitError
+from ..errors import CifarkitError
 
 # The one table of severities 1..5 (index 0 is severity 1). Units in the comments.
 SEVERITIES: dict[str, tuple[float, ...]] = {

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .errors import CifarkitError
-from .rundir import Results, RunDir
+from ..errors import CifarkitError
+from ..rundir import Results, RunDir
 
 HIDDEN = {"out", "data"}   # always differ or name a path: the data is shown by name instead
 SHOWN = 16                 # images per direction in a "one right, the other wrong" grid
@@ -48,7 +48,7 @@ class Comparison:
 
 
 def _test_set(run: RunDir):
-    from .sources import load_arrays
+    from ..data.sources import load_arrays
     a = load_arrays(*run.data_source())
     h = hashlib.sha1(np.ascontiguousarray(a.test_x).data)
     h.update(np.ascontiguousarray(a.test_y).data)
@@ -85,7 +85,7 @@ def _settings(runs: list[RunDir]) -> list[tuple[str, list[str]]]:
 
 
 def _results(runs: list[RunDir], probs: np.ndarray, labels: np.ndarray) -> list[tuple[str, list[str]]]:
-    from .calibration import ece
+    from ..trust.calibration import ece
     res = [r.read_results() or Results() for r in runs]
 
     def fmt(v, spec: str, missing: str = "not recorded") -> str:
@@ -106,7 +106,7 @@ def compare(run_dirs: list[str | Path]) -> Comparison:
     """Compare 2+ runs tested on the same test set: data for the page and figures below."""
     import torch
 
-    from .weights import load
+    from ..weights import load
     runs, a = _open(run_dirs)
     done: dict[Path, np.ndarray] = {}
     for run in runs:  # a run given twice is predicted once
@@ -167,7 +167,7 @@ def per_class_figure(c: Comparison) -> Figure:
 
 def right_wrong_figure(c: Comparison, a: int, b: int, n: int = SHOWN, ncols: int = 8) -> Figure:
     """Up to n test images run a gets right and run b wrong, titled label / b's answer (p)."""
-    from .explain import upscale
+    from ..trust.explain import upscale
     idx = c.right_wrong(a, b)[:n]
     rows = max(-(-len(idx) // ncols), 1)
     fig = Figure(figsize=(1.6 * ncols, 1.9 * rows + 0.5))

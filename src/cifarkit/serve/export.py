@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import CifarkitError
-from .images import rgb_batch
-from .rundir import WEIGHTS_NAME, RunDir
-from .weights import Loaded, load, save_weights
+from ..version import __version__
+from ..errors import CifarkitError
+from ..images import rgb_batch
+from ..rundir import WEIGHTS_NAME, RunDir
+from ..weights import Loaded, load, save_weights
 
 FORMATS = ("safetensors", "onnx", "hub")
 

@@ -13,15 +13,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..images import normalize
+
 FLIPS = ("none", "random", "alternate")
 PIPELINES = ("batched", "albumentations")
-
-
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W), channels_last in memory: ((x / 255) - mean) / std."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
-    return ((x.float() / 255 - mean) / std).permute(0, 3, 1, 2)
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
@@ -39,7 +34,7 @@ class Augment:
                  cutout: tuple[int, int] | int = 0, cutout_holes: tuple[int, int] | int = 1,
                  cutout_p: float = 1.0, pipeline: str = "batched", seed: int = 0,
                  low_res: int = 0, low_res_epochs: int = 0):
-        from .errors import CifarkitError
+        from ..errors import CifarkitError
         if flip not in FLIPS:
             raise CifarkitError(f"unknown flip '{flip}'; choose one of: {', '.join(FLIPS)}")
         if pipeline not in PIPELINES:
@@ -134,7 +129,7 @@ class Augment:
             import albumentations as A
             import cv2
         except ImportError:
-            from .errors import CifarkitError
+            from ..errors import CifarkitError
             raise CifarkitError("--augment albumentations needs the extra: "
                                 "pip install 'cifarkit[albumentations]'") from None
         fill = tuple(int(v) for v in self.fill)

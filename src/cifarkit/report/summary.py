@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import build_model
+from ..models import build_model
 
 SKIP = (nn.ReLU, nn.GELU, nn.SiLU, nn.Identity, nn.Sequential)  # no parameters, no new shape: not listed
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d)  # no parameters, new shape

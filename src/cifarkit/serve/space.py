@@ -7,22 +7,23 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from . import __version__
+from ..version import __version__
 from .app import MAX_FILE_SIZE
-from .errors import CifarkitError
-from .rundir import RunDir
-from .weights import load
+from ..errors import CifarkitError
+from ..rundir import RunDir
+from ..weights import load
 
 # the modules the app imports, and theirs
-APP_MODULES = ("__init__", "errors", "images", "models", "presets", "rundir", "weights", "augment",
-               "analysis", "explain", "app")
+APP_MODULES = ("__init__", "version", "errors", "images", "models", "presets", "rundir", "weights",
+               "trust/__init__", "trust/analysis", "trust/explain", "serve/__init__", "serve/app")
+PACKAGE = Path(__file__).resolve().parents[1]  # src/cifarkit: the Space keeps its layout
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "safetensors", "matplotlib", "grad-cam", "pyyaml",
                 "gradio")
 
 APP_PY = '''"""Hugging Face Space entry point: serves the bundled run with the cifarkit app."""
 from pathlib import Path
 
-from cifarkit.app import build_app, serve_options
+from cifarkit.serve.app import build_app, serve_options
 
 # Uploads over this size are refused while they arrive, before anything is decoded ("500kb", "1gb").
 MAX_FILE_SIZE = "{max_file_size}"
@@ -76,7 +77,8 @@ def export_space(run_dir: str | Path, out: str | Path) -> Path:
         pkg = out / "cifarkit"
         pkg.mkdir()
         for name in APP_MODULES:
-            shutil.copy(Path(__file__).with_name(f"{name}.py"), pkg / f"{name}.py")
+            (pkg / name).parent.mkdir(exist_ok=True)
+            shutil.copy(PACKAGE / f"{name}.py", pkg / f"{name}.py")
         (out / "app.py").write_text(APP_PY.format(max_file_size=MAX_FILE_SIZE))
         (out / "requirements.txt").write_text("\n".join(_pinned(r) for r in REQUIREMENTS) + "\n")
         acc = model.meta.get("test_acc")

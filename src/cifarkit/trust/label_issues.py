@@ -11,7 +11,7 @@ a blurry image the model is unsure about everywhere has a low p_given but also a
 ranks below a clear cat labelled dog. (cleanlab's "normalized_margin" ranking is the same idea.)
 
 Probabilities must be out-of-sample: test-set predictions are, training-set ones only when they
-come from models that did not see those images; out_of_fold_splits() gives the K folds for that.
+come from models that did not see those images; data.datamodule.out_of_fold_splits() gives the K folds.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .errors import CifarkitError
+from ..errors import CifarkitError
 
 
 @dataclass
@@ -70,16 +70,6 @@ def find_label_issues(probs, labels) -> LabelIssues:
     order = np.argsort(-(p_sugg - p_given[idx]), kind="stable")               # largest margin first
     idx = idx[order]
     return LabelIssues(idx, y[idx], suggested[idx], p_given[idx], p[idx, suggested[idx]], t)
-
-
-def out_of_fold_splits(n: int, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K (train_idx, held_out_idx) pairs over range(n): every index is held out exactly once."""
-    if k < 2:
-        raise CifarkitError(f"--folds must be at least 2 (got {k}): one fold leaves nothing to train on")
-    if k > n:
-        raise CifarkitError(f"--folds {k} is more than the {n} images: use at most {n} folds")
-    folds = np.array_split(np.random.default_rng(seed).permutation(n), k)
-    return [(np.sort(np.concatenate(folds[:i] + folds[i + 1:])), np.sort(f)) for i, f in enumerate(folds)]
 
 
 # -- output ---------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .console import progress
-from .errors import CifarkitError
-from .images import SUFFIXES, rgb_array
+from ..console import progress
+from ..errors import CifarkitError
+from ..images import SUFFIXES, rgb_array
 
 
 def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:

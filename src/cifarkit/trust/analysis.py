@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .rundir import RunDir
-from .weights import Loaded
+from ..rundir import RunDir
+from ..weights import Loaded
 
 
 @dataclass
@@ -43,7 +43,7 @@ def predict_arrays(model: Loaded, images: np.ndarray, labels: np.ndarray, batch_
 
 def load_test_split(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The test split of the data a run was trained on (decoded from the cache when possible)."""
-    from .sources import load_arrays
+    from ..data.sources import load_arrays
     source, dataset = RunDir.open(run_dir).data_source()
     a = load_arrays(source, dataset)
     return a.test_x, a.test_y

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from .augment import Augment
-from .errors import CifarkitError
+from ..errors import CifarkitError
 from .sources import Arrays, load_arrays
 
 RECORD_BATCHES = "CIFARKIT_RECORD_BATCHES"  # env: a folder to record each rank's training indices
@@ -51,9 +51,18 @@ def balanced_subset(indices: np.ndarray, labels: np.ndarray, n: int, num_classes
     return np.sort(np.concatenate(picked))
 
 
+def out_of_fold_splits(n: int, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K (train_idx, held_out_idx) pairs over range(n): every index is held out exactly once."""
+    if k < 2:
+        raise CifarkitError(f"--folds must be at least 2 (got {k}): one fold leaves nothing to train on")
+    if k > n:
+        raise CifarkitError(f"--folds {k} is more than the {n} images: use at most {n} folds")
+    folds = np.array_split(np.random.default_rng(seed).permutation(n), k)
+    return [(np.sort(np.concatenate(folds[:i] + folds[i + 1:])), np.sort(f)) for i, f in enumerate(folds)]
+
+
 def without_fold(train_idx: np.ndarray, fold: list, seed: int) -> np.ndarray:
-    """The training indices without fold k of K (label_issues.out_of_fold_splits, seeded)."""
-    from .label_issues import out_of_fold_splits
+    """The training indices without fold k of K (out_of_fold_splits, seeded)."""
     if len(fold) != 2 or not 0 <= fold[0] < fold[1]:
         raise CifarkitError(f"holdout_fold must be [k, K] with 0 <= k < K, got {fold}")
     keep, _ = out_of_fold_splits(len(train_idx), int(fold[1]), seed)[int(fold[0])]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.figure import Figure
 
-from .errors import CifarkitError
+from ..errors import CifarkitError
 
 if TYPE_CHECKING:  # Lightning is imported by find_lr only: reading and drawing a record needs none
     import lightning as L
@@ -262,7 +262,7 @@ def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None,
     sweep = _sweep_callback(lrs, beta)
     devices = trainer_kwargs.get("devices", "auto")
     one = [devices[0]] if isinstance(devices, (list, tuple)) else 1
-    from .console import lightning_bar
+    from ..console import lightning_bar
     bar = lightning_bar()
     trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
                            "max_epochs": -1, "max_steps": num_training, "callbacks": [sweep] + ([bar] if bar else []),

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .console import log
-from .errors import CifarkitError
+from ..console import log
+from ..errors import CifarkitError
 
 MARGIN = 0.015       # of the budget kept in reserve against the clock's noise
 DRIFT = 0.035        # re-plan when the predicted finish is more than MARGIN + DRIFT (5%) short of the budget

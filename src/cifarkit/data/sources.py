@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .console import log, progress
-from .errors import CifarkitError
-from .images import SIZE, SUFFIXES, UnreadableImage, open_image, rgb_array
+from ..console import log, progress
+from ..errors import CifarkitError
+from ..images import SIZE, SUFFIXES, UnreadableImage, open_image, rgb_array
 
 _bar: ContextVar = ContextVar("decoding_bar", default=None)  # read_source's progress bar
 

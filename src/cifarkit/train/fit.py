@@ -12,22 +12,22 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from . import __version__
-from .augment import Augment
+from ..version import __version__
+from ..data.augment import Augment
 from .budget import (Plan, budget_callback, measure_eval, measure_steps, overrun_notice, parse_budget,
                      plan_schedule, scale_recipe, views_per_image)
-from .calibration import TRAIN_SLICE, calibrate_after_training
+from ..trust.calibration import TRAIN_SLICE, calibrate_after_training
 from .checkpoints import (DISK_ERRNOS, AtomicCheckpointIO, LastCheckpoint, MetricsLogger, RunGuard,
                           check_checkpoint, disk_error, remove_partial_checkpoints)
-from .console import lightning_bar, log
-from .data import CIFARDataModule
-from .errors import CifarkitError
+from ..console import lightning_bar, log
+from ..data.datamodule import CIFARDataModule
+from ..errors import CifarkitError
 from .lr_finder import MUON_REFUSAL, check_settings, find_lr, load_lr_find, save_lr_find
-from .models import MODELS, build_model, list_models
+from ..models import MODELS, build_model, list_models
 from .module import LitClassifier
-from .presets import TrainConfig, check_choices
-from .rundir import Results, RunDir, data_name
-from .weights import save_weights
+from ..presets import TrainConfig, check_choices
+from ..rundir import Results, RunDir, data_name
+from ..weights import save_weights
 
 RUN_DIR_ENV = "CIFARKIT_RUN_DIR"  # rank 0's run directory, for the ranks Lightning's launcher starts
 
@@ -384,7 +384,7 @@ def _held_out_and_test_logits(module: LitClassifier, trainer: L.Trainer):
 def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = None,
              tta_threshold: float | None = None) -> dict:
     """Test accuracy/loss of a finished run's final weights on its data source's test set."""
-    from .weights import load
+    from ..weights import load
     run = RunDir.open(run_dir, need=("config", "weights"))
     cfg = run.read_config()
     threshold = cfg.tta_threshold if tta_threshold is None else tta_threshold

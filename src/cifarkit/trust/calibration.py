@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.figure import Figure
 
-from .errors import CifarkitError
+from ..errors import CifarkitError
 
 BINS = 15                   # equal-width confidence bins, as in Guo et al.
 MIN_FIT_SAMPLES = 100       # fewer held-out samples fit noise, not a temperature
@@ -148,7 +148,7 @@ def calibrate(fit_logits, fit_labels, logits, labels, fitted_on: str, bins: int 
 def held_out(run, arrays) -> tuple[np.ndarray, str]:
     """(training-set indices, description) of the images a run's temperature is fitted on: its
     validation split, rebuilt as training made it; with --val-size 0 a seeded slice of the training set."""
-    from .data import split_train_val
+    from ..data.datamodule import split_train_val
     cfg = run.read_config()
     _, val = split_train_val(arrays.train_y, cfg.val_size, cfg.seed)
     if len(val):
@@ -167,9 +167,9 @@ def calibrate_run(run_dir, fit_logits=None, test_logits=None) -> CalibrationRepo
     the hardware runs it (the temperature and ECE do not need fp32's last digits)."""
     import torch
 
-    from .rundir import Results, RunDir
-    from .sources import load_arrays
-    from .weights import load, update_metadata
+    from ..rundir import Results, RunDir
+    from ..data.sources import load_arrays
+    from ..weights import load, update_metadata
     run = RunDir.open(run_dir, need=("config", "weights"))
     arrays = load_arrays(*run.data_source())
     fit_idx, fitted_on = held_out(run, arrays)
@@ -197,7 +197,7 @@ def describe(report: CalibrationReport) -> str:
 
 def calibrate_after_training(run_dir, fit_logits=None, test_logits=None) -> CalibrationReport | None:
     """What `fit` calls last: calibrate, or say in one line why not (the run itself is complete)."""
-    from .console import log
+    from ..console import log
     try:
         report = calibrate_run(run_dir, fit_logits, test_logits)
     except CifarkitError as exc:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import analysis, calibration, explain, label_issues, plots, robustness
-from .budget import format_seconds
-from .console import log, progress
-from .errors import CifarkitError
-from .rundir import RunDir
+from ..trust import analysis, calibration, explain, label_issues, robustness
+from . import plots
+from ..train.budget import format_seconds
+from ..console import log, progress
+from ..errors import CifarkitError
+from ..rundir import RunDir
 
 CAM_COLUMNS = 10  # images per Grad-CAM grid: enough to see a pattern, small enough to read
 MAX_SHOWN = 100   # misclassified images in one grid
@@ -67,7 +68,7 @@ def _curves(r: Report) -> None:
 
 
 def _lr_find(r: Report) -> None:
-    from .lr_finder import load_lr_find, plot_lr_find
+    from ..train.lr_finder import load_lr_find, plot_lr_find
     if r.run.lr_find_json.is_file():
         curve = load_lr_find(r.run.lr_find_json)
         r.add(plot_lr_find(curve), "lr_find.png", "LR range test",
@@ -76,7 +77,7 @@ def _lr_find(r: Report) -> None:
 
 
 def _predictions(r: Report, n: int, method: str) -> None:
-    from .weights import load
+    from ..weights import load
     model = load(r.run.path)
     images, labels = analysis.load_test_split(r.run.path)
     p = r.p = analysis.predict_arrays(model, images, labels)
@@ -116,7 +117,7 @@ def _predictions(r: Report, n: int, method: str) -> None:
 
 def _temperature(r: Report) -> None:
     """The run's temperature; an older run, trained before calibration, is calibrated here."""
-    from .weights import load
+    from ..weights import load
     if not r.run.weights_file.is_file():
         return  # the predictions part says so
     meta, by = load(r.run.path).meta, ""
@@ -168,7 +169,7 @@ def _label_issues(r: Report) -> None:
 def _robustness(r: Report, n: int | None) -> None:
     import torch
 
-    from .weights import load
+    from ..weights import load
     if not r.run.weights_file.is_file():
         return  # the predictions part says so
     model = load(r.run.path)
@@ -282,8 +283,8 @@ def overlays_for_files(run_dir: str | Path, images: list[str], layer: str | None
     """`cifarkit gradcam`: an overlay PNG per readable image file; returns the written paths."""
     from PIL import Image
 
-    from .images import rgb_array
-    from .weights import load
+    from ..images import rgb_array
+    from ..weights import load
     model = load(run_dir)
     layer = explain.resolve_layer(model.net, layer)
     explain._cam_class(method)

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .console import log
-from .errors import CifarkitError
-from .label_issues import LabelIssues, find_label_issues, label_issues_figure, out_of_fold_splits, to_csv
-from .presets import TrainConfig
-from .rundir import RunDir
+from ..console import log
+from ..errors import CifarkitError
+from ..data.datamodule import out_of_fold_splits
+from ..trust.label_issues import LabelIssues, find_label_issues, label_issues_figure, to_csv
+from ..presets import TrainConfig
+from ..rundir import RunDir
 
 CSV_NAME, FIGURE_NAME = "label_issues_train.csv", "label_issues_train.png"
 
@@ -49,7 +50,7 @@ def fold_config(cfg: TrainConfig, k: int, folds: int, out: Path, lr: float | Non
 
 
 def _train(cfg: TrainConfig) -> RunDir:
-    from .train import fit
+    from .fit import fit
     fold = RunDir(cfg.out)
     if fold.results_file.is_file() and fold.weights_file.is_file():
         log.info(f"audit: {fold.name} already trained; reusing it")
@@ -62,8 +63,8 @@ def audit(run_dir: str | Path, folds: int, out: str | Path | None = None) -> Aud
     check_folds(folds)
     import torch
 
-    from .train import build_datamodule
-    from .weights import load
+    from .fit import build_datamodule
+    from ..weights import load
     run = RunDir.open(run_dir, need=("config",))
     cfg, res = run.read_config(), run.read_results()
     out = Path(out) if out else run.path / "audit"

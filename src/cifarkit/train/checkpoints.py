@@ -32,9 +32,9 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from .console import log
-from .errors import CifarkitError, RunInterrupted
-from .rundir import RunDir
+from ..console import log
+from ..errors import CifarkitError, RunInterrupted
+from ..rundir import RunDir
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
 
@@ -302,7 +302,7 @@ def checkpoint_model(ckpt: dict) -> tuple[str, int] | None:
     """(model name, class count) of a checkpoint: from what cifarkit stored, else from its tensors."""
     if "cifarkit" in ckpt:
         return ckpt["cifarkit"]["model"], len(ckpt["cifarkit"]["classes"])
-    from .weights import identify
+    from ..weights import identify
     net = {k[4:]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("net.")}
     return identify(net)
 

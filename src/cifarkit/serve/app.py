@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import analysis, explain
-from .errors import CifarkitError
-from .images import rgb_array
-from .rundir import Results, RunDir
-from .weights import Loaded, load
+from ..trust import analysis, explain
+from ..errors import CifarkitError
+from ..images import rgb_array
+from ..rundir import Results, RunDir
+from ..weights import Loaded, load
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
