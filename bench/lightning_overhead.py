@@ -9,6 +9,7 @@ no progress bar, no checkpoints). The two alternate in rounds so machine noise h
 Run alone on the machine.
 """
 import argparse
+import dataclasses
 import time
 
 import lightning as L
@@ -27,7 +28,7 @@ args = p.parse_args()
 
 cfg = preset_config("fast", batch_size=args.batch_size, subset=args.batch_size * args.steps, val_size=0,
                     lookahead=False)  # the plain loop has no weight averaging either
-cfg.augment = {k: v for k, v in cfg.augment.items() if not k.startswith("low_res")}  # full-size steps
+cfg = dataclasses.replace(cfg, augment={k: v for k, v in cfg.augment.items() if not k.startswith("low_res")})  # full size
 dm = build_datamodule(cfg)
 precision = resolve_precision("auto", "cpu")
 bf16 = precision == "bf16-mixed"

@@ -7,6 +7,7 @@ Each variant is the `fast` preset with the overrides below, written to a config 
 start to printed result). One run costs 4-15 minutes on 2 CPU cores; run alone on the machine.
 """
 import argparse
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -65,8 +66,7 @@ if unknown:
 
 load_arrays()  # warm the decode cache: the benchmark times training, not the first decode
 for name in args.variants:
-    cfg = preset_config("fast", seed=args.seed, **VARIANTS[name])
-    cfg.preset = f"fast/{name}"
+    cfg = dataclasses.replace(preset_config("fast", seed=args.seed, **VARIANTS[name]), preset=f"fast/{name}")
     out = Path(args.out) / f"{name}-seed{args.seed}"
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         cfg.to_yaml(Path(f.name))

@@ -12,9 +12,13 @@ import pytest
 import torch
 
 from cifarkit import CifarkitError
-from cifarkit.train.budget import MARGIN, overrun_notice, parse_budget, plan_schedule, scale_recipe, views_per_image
-from cifarkit.train.module import OneCycle
+from cifarkit.train.budget import (MARGIN, Plan, overrun_notice, parse_budget, plan_schedule, planned_config,
+                                   views_per_image)
+from cifarkit.data.augment import Augment
 from cifarkit.presets import preset_config
+from cifarkit.train.checkpoints import RunGuard
+from cifarkit.train.module import OneCycle
+from cifarkit.train.schedule import Schedule
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400),
@@ -30,8 +34,9 @@ def test_a_budget_that_does_not_parse_is_one_line(text):
     assert "\n" not in str(info.value)
 
 
-FAST = dict(step_seconds={24: 0.30, 32: 0.55}, steps_per_epoch=196, test_seconds=20.0, val_seconds=0.0,
-            batch_size=256, low_res=24, low_res_share=4 / 9)
+SHAPE = Schedule.of(preset_config("fast"), 196)  # the fast recipe's schedule at 196 steps an epoch
+FAST = dict(step_seconds={24: 0.30, 32: 0.55}, test_seconds=20.0, val_seconds=0.0, batch_size=256, schedule=SHAPE,
+            low_res_share=4 / 9)
 
 
 @pytest.mark.parametrize("budget", [180, 300, 480, 720, 900, 1200])
@@ -41,7 +46,8 @@ def test_the_plan_fits_the_budget_and_keeps_the_recipes_proportions(budget):
     low = plan.low_res_epochs * 196 * 0.30
     full = (plan.epochs - plan.low_res_epochs) * 196 * 0.55
     finish = 15.0 + low + full + 20.0
-    assert finish == pytest.approx(budget * (1 - MARGIN), rel=1e-6) and finish == pytest.approx(plan.predicted())
+    # the most whole steps that fit, the last one started inside the budget's reserve line
+    assert budget * (1 - MARGIN) <= finish < budget * (1 - MARGIN) + 0.55 and finish == pytest.approx(plan.predicted())
     # the preset's share, in whole epochs, and at most half of the run
     assert plan.low_res_epochs <= plan.epochs / 2
     assert abs(plan.low_res_epochs - 4 / 9 * plan.epochs) <= 0.5 or plan.low_res_epochs == int(plan.epochs / 2)
@@ -59,11 +65,16 @@ def test_a_budget_too_small_for_one_epoch_says_the_least_that_makes_sense():
 
 
 def test_the_recipe_scales_with_the_plan():
+    """The whitening bias keeps the recipe's share of the epochs (3 of 9; at least 1), the planned
+    config records the plan's length, and the recipe's own config and schedule are left as they were."""
     cfg = preset_config("fast", time_budget="5m")
-    plan = plan_schedule(300, 15.0, **FAST)
-    scale_recipe(cfg, plan, preset_epochs=cfg.epochs)
-    assert cfg.epochs == pytest.approx(plan.epochs, abs=1e-4) and cfg.augment["low_res_epochs"] == plan.low_res_epochs
-    assert 1 <= cfg.whiten_bias_epochs <= 3 and cfg.plan["total_steps"] == plan.total_steps
+    plan = plan_schedule(300, 15.0, **FAST, recipe_epochs=cfg.epochs)
+    assert plan.schedule.whiten_bias_epochs == max(1, round(3 * plan.epochs / 9)) < 3
+    assert SHAPE.whiten_bias_epochs == 3 and SHAPE.total_steps == 9 * 196     # the shape was not written
+    planned = planned_config(cfg, plan)
+    assert planned.epochs == pytest.approx(plan.epochs, abs=1e-4) and planned.augment["low_res_epochs"] == plan.low_res_epochs
+    assert planned.whiten_bias_epochs == plan.schedule.whiten_bias_epochs and planned.plan["total_steps"] == plan.total_steps
+    assert cfg.epochs == 9 and cfg.whiten_bias_epochs == 3 and cfg.plan == {}
     assert views_per_image(2, 0.7) < views_per_image(2, 1.0) == 6 and views_per_image(0, 1.0) == 1
 
 
@@ -134,43 +145,39 @@ class _Clock:
 
 def _run_guard(monkeypatch, plan, speeds, start_spent=15.0, resumed=None):
     """Drive the budget callback on a fake clock: epoch e's steps take speeds[e] seconds each (the last
-    speed from then on; or speeds(low): by whether the epoch is low-res, as the guard left it). resumed=(epochs done, seconds spent before the interruption): a resumed run.
-    Returns the finish (training, then the planned test, from the first start) and the steps trained."""
+    speed from then on; or speeds(low): by whether the epoch is low-res, as the schedule says then).
+    resumed=(epochs done, seconds spent before the interruption): a resumed run. The run ends where
+    the schedule says, as the run guard and the module read it. Returns the finish (training, then
+    the planned test, from the first start) and the steps trained."""
     from types import SimpleNamespace
 
     import cifarkit.train.budget as budget
     clock = _Clock()
     monkeypatch.setattr(budget.time, "time", clock)
     monkeypatch.setattr(budget.time, "perf_counter", clock)
-    total = [plan.total_steps]
-    module = SimpleNamespace(steps=plan.total_steps, total_steps=lambda: module.steps)
-    guard = SimpleNamespace(stop_at_step=plan.total_steps)
-    sched = SimpleNamespace(retarget=total.append)
+    schedule = plan.schedule
     epochs_done, spent_before = resumed or (0, 0.0)
     trainer = SimpleNamespace(global_step=epochs_done * plan.steps_per_epoch, current_epoch=epochs_done,
-                              should_stop=False,
-                              lr_scheduler_configs=[SimpleNamespace(scheduler=sched)],
-                              fit_loop=SimpleNamespace(max_epochs=math.ceil(plan.epochs)),
-                              datamodule=SimpleNamespace(
-                                  augment=SimpleNamespace(low_res_epochs=plan.low_res_epochs)))
+                              should_stop=False, fit_loop=SimpleNamespace(max_epochs=math.ceil(plan.epochs)))
+    guard = RunGuard(None, "fast", ["a"])
+    guard.schedule = schedule
     start = clock.now - start_spent                                    # spent before training
-    saved = []
-    cb = budget.budget_callback(plan, start, guard, module, on_replan=saved.append)
+    cb = budget.budget_callback(plan, start)
     if resumed:
         cb.load_state_dict({"spent": spent_before})
     cb.on_train_start(trainer, None)
-    while trainer.global_step < guard.stop_at_step:
+    guard._stop_at_the_end(trainer)
+    while not trainer.should_stop:
         cb.on_train_epoch_start(trainer, None)
-        steps = min(plan.steps_per_epoch, guard.stop_at_step - trainer.global_step)
-        low = trainer.current_epoch < trainer.datamodule.augment.low_res_epochs
+        steps = min(plan.steps_per_epoch, schedule.total_steps - trainer.global_step)
+        low = schedule.at_low_res(trainer.current_epoch)
         clock.now += steps * (speeds(low) if callable(speeds) else speeds[min(trainer.current_epoch, len(speeds) - 1)])
         trainer.global_step += steps
         cb.on_train_epoch_end(trainer, None)
+        guard.on_train_epoch_end(trainer, None)
         trainer.current_epoch += 1
-        assert trainer.current_epoch <= trainer.fit_loop.max_epochs
-    assert total[-1] == guard.stop_at_step == module.steps == plan.total_steps
-    assert trainer.datamodule.augment.low_res_epochs == plan.low_res_epochs   # the data follows the plan
-    assert saved and saved[-1] is plan                                 # each re-plan handed on (to config.yaml)
+        assert trainer.current_epoch <= trainer.fit_loop.max_epochs    # the trainer may start every epoch
+    assert trainer.global_step == schedule.total_steps == plan.total_steps
     return spent_before + clock.now + plan.test_seconds - start, trainer.global_step
 
 
@@ -273,11 +280,11 @@ def test_a_real_run_finishes_within_its_budget(tmp_path, cifar_path):
     # the tolerance on this shared 2-core machine: 25%; past 5% the run must say so
     assert wall <= 60 * 1.25, (res["plan"], proc.stderr)
     assert res["plan"]["spent"] > 1.0  # the clock started with the process: its imports were spent
-    if abs(wall - 63) > 2:                     # clear of the 5% line by more than the process's exit
-        assert ("over its time budget" in proc.stderr) == (wall > 63), proc.stderr
+    # the notice of a late finish never fires for a run within 5% of it (wall-clock >= the run's own clock)
+    assert "over its time budget" not in proc.stderr or wall > 60 * 1.05, proc.stderr
     assert res["time_budget"] == 60 and res["plan"]["epochs"] > 1 and res["steps"] == res["plan"]["total_steps"]
     cfg = (out / "config.yaml").read_text()
-    assert "time_budget: 60s" in cfg and "total_steps:" in cfg
+    assert "time_budget: 60s" in cfg and "total_steps:" in cfg and "schedule:" in cfg
     from cifarkit.report.report import _settings
     from cifarkit.rundir import RunDir
     shown = dict(_settings(RunDir(out)))                 # the report's results table shows the plan
@@ -315,3 +322,47 @@ def test_the_curve_bench_merges_runs_into_one_table_and_picture(tmp_path, monkey
         ["| headline (825 s budget)", "cifarkit", "2"], ["| headline", "airbench94", "2"]]
     assert curve.means(head, "airbench94") == [(1100 / 60, pytest.approx(90.8)), (1100 / 60, pytest.approx(91.0))]
     assert len(json.loads((out / "curve.json").read_text())) == 7 and (out / "curve.png").stat().st_size > 10_000
+
+
+def test_the_readers_follow_a_replanned_schedule():
+    """A re-plan writes the schedule only: the augmentation's low-res epochs, the guard's last step and
+    the trainer's epoch limit, and the lookahead's last step all follow it."""
+    from types import SimpleNamespace
+    schedule = Schedule.of(preset_config("fast"), 10)
+    augment = Augment([0.5] * 3, [0.25] * 3, low_res=24, low_res_epochs=4)
+    augment.schedule = guard_schedule = schedule
+    guard = RunGuard(None, "fast", ["a"])
+    guard.schedule = guard_schedule
+    trainer = SimpleNamespace(global_step=60, should_stop=False, fit_loop=SimpleNamespace(max_epochs=9))
+    assert augment.low_res_at(3) == 24 and augment.low_res_at(4) == 0
+    schedule.low_res_epochs, schedule.total_steps = 5, 125                # a re-plan
+    assert augment.low_res_at(4) == 24 and augment.low_res_at(5) == 0
+    guard._stop_at_the_end(trainer)
+    assert trainer.fit_loop.max_epochs == 13 and not trainer.should_stop
+    trainer.global_step = 125
+    guard._stop_at_the_end(trainer)
+    assert trainer.should_stop
+    assert schedule.lookahead_decay_at(125, 256) == 1.0 and schedule.lookahead_decay_at(124, 256) is None
+    # per 1,024 examples 0.95, every 5th step, scaled by (step / total) ** 3: a bigger batch averages harder
+    assert schedule.lookahead_decay_at(120, 256) == pytest.approx(0.95 ** (5 * 256 / 1024) * (120 / 125) ** 3)
+    assert schedule.lookahead_decay_at(120, 1024) < schedule.lookahead_decay_at(120, 256) < 1
+
+
+def test_a_budgeted_run_written_before_schedules_were_recorded_resumes_on_its_plan():
+    """config.yaml and the checkpoint of a budgeted run from before (a plan without its schedule): the
+    plan is rebuilt with its length and low-res epochs, and the checkpoint's later re-plan wins."""
+    cfg = preset_config("fast", time_budget="15m")
+    old = dict(budget=900, spent=15.0, step_seconds={"24": 0.3, "32": 0.55}, steps_per_epoch=196, test_seconds=20.0,
+               val_seconds=0.0, epochs=10.5, low_res_epochs=5, low_res=24, batch_size=256, replanned=[],
+               finish=0.0, low_res_share=4 / 9, total_steps=2058, images_per_second={}, predicted_seconds=880.0)
+    plan = Plan.from_dict(old, cfg)
+    assert (plan.total_steps, plan.low_res_epochs, plan.low_res, plan.steps_per_epoch) == (2058, 5, 24, 196)
+    assert plan.step_seconds == {24: 0.3, 32: 0.55} and plan.schedule.whiten_bias_epochs == 3
+    later = dict(old, total_steps=1900, epochs=1900 / 196, low_res_epochs=4, replanned=[[196, 2058, 1900, "slow"]],
+                 finish=890.0)
+    schedule = plan.schedule
+    plan.restore(later)
+    assert plan.schedule is schedule and (schedule.total_steps, schedule.low_res_epochs) == (1900, 4)
+    assert plan.replanned == [[196, 2058, 1900, "slow"]] and plan.predicted() == 890.0
+    again = Plan.from_dict(plan.to_dict(), cfg)                            # a plan written now round-trips
+    assert again.schedule == plan.schedule and again.to_dict() == plan.to_dict()

@@ -14,12 +14,14 @@ import torch
 from cifarkit.cli import add_config_flags, config_from_args
 from cifarkit.models import build_model
 from cifarkit.train.module import LitClassifier
+from cifarkit.train.schedule import Schedule
 from cifarkit.presets import PRESETS, TrainConfig, preset_config, setting
 
 
 def test_a_new_setting_reaches_the_cli_and_the_module():
     Extended = dataclasses.make_dataclass(
-        "Extended", [("warmup_images", int, setting(0, "images of linear warm-up"))], bases=(TrainConfig,))
+        "Extended", [("warmup_images", int, setting(0, "images of linear warm-up"))], bases=(TrainConfig,),
+        frozen=True)
     parser = argparse.ArgumentParser()
     add_config_flags(parser, Extended)
     assert "images of linear warm-up" in parser.format_help()
@@ -27,7 +29,9 @@ def test_a_new_setting_reaches_the_cli_and_the_module():
     cfg = config_from_args(args, Extended)
     assert (cfg.warmup_images, cfg.lr, cfg.lookahead) == (2048, 0.3, False)
     module = LitClassifier(build_model("fast", 10), 10, cfg)
+    module.record(cfg, Schedule.of(cfg, steps_per_epoch=10))          # what every checkpoint's hyperparameters hold
     assert module.cfg.warmup_images == 2048 and module.hparams["warmup_images"] == 2048
+    assert module.hparams["schedule"]["total_steps"] == 100
 
 
 def test_every_setting_has_help_and_every_scalar_one_is_a_flag():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -51,32 +52,21 @@ def _overrides(args, cls) -> dict:
 
 
 def config_from_args(args, cls=None):
-    from .presets import TrainConfig, preset_config
+    """The run's config from the command line: the preset (or a replayed config.yaml) with the flags
+    given over it, settled by presets.resolve, as `fit` would settle it from Python."""
+    from .presets import TrainConfig, preset_config, resolve
     cls = cls or TrainConfig
     overrides = _overrides(args, cls)
     if args.config:
-        cfg = cls.from_yaml(args.config)
-        if args.preset:
-            cfg.preset = args.preset
+        base = cls.from_yaml(args.config)
+        overrides = {"preset": args.preset, **overrides}
     elif cls is TrainConfig:
-        cfg = preset_config(args.preset or "fast", device=_device_kind(overrides.get("accelerator", "auto")))
-    else:
-        cfg = cls()
-    base_model = cfg.model
-    for name, value in overrides.items():
-        setattr(cfg, name, {**getattr(cfg, name), **value} if isinstance(value, dict) else value)
-    if cfg.model != base_model:
-        cfg.model_kwargs = {}  # the preset's model settings belong to the preset's model
-    if cfg.augment.get("pipeline") == "albumentations" and cfg.augment.get("low_res"):
-        cfg.augment = {k: v for k, v in cfg.augment.items() if k not in ("low_res", "low_res_epochs")}
-        log.warning("notice: the albumentations pipeline trains at full size throughout (no low-res epochs)")
-    low_epochs = cfg.augment.get("low_res_epochs", 0)
-    if cfg.augment.get("low_res") and low_epochs > cfg.epochs / 2:  # e.g. the fast preset with --epochs 4
-        cfg.augment = {**cfg.augment, "low_res_epochs": int(cfg.epochs // 2)}
-        log.warning(f"notice: {cfg.augment['low_res_epochs']} of the {cfg.epochs:g} epochs at "
-                    f"{cfg.augment['low_res']} px (at most half of a run trains on low-res images)")
+        base = preset_config(args.preset or "fast", device=_device_kind(overrides.get("accelerator", "auto")))
+    else:  # a settings class extending TrainConfig: its own defaults
+        base = cls()
+    cfg = resolve(base, overrides)
     if args.config and args.out is None:
-        cfg.out = None  # a replay writes a new run, never over the original
+        cfg = dataclasses.replace(cfg, out=None)  # a replay writes a new run, never over the original
     return cfg
 
 
@@ -102,10 +92,7 @@ def resume_config(args):
         raise CifarkitError(f"--resume continues {run.path} as it was configured; drop {', '.join(given)} "
                             f"(only {allowed} may change)")
     cfg = run.read_config()
-    for name, value in _overrides(args, type(cfg)).items():
-        setattr(cfg, name, value)
-    cfg.out = str(run.path)
-    return cfg
+    return dataclasses.replace(cfg, **_overrides(args, type(cfg)), out=str(run.path))
 
 
 def _report(run_dir: Path, args) -> Path | None:
@@ -187,9 +174,8 @@ def cmd_lr_find(args):
     from .rundir import RunDir
     from .train.fit import build_datamodule, build_module, trainer_kwargs
     cfg = config_from_args(args)
-    cfg.out = cfg.out or f"runs/lr-find-{datetime.now():%Y%m%d-%H%M%S}"
-    if args.num_training:
-        cfg.lr_find = {**cfg.lr_find, "num_training": args.num_training}
+    cfg = dataclasses.replace(cfg, out=cfg.out or f"runs/lr-find-{datetime.now():%Y%m%d-%H%M%S}",
+                              lr_find={**cfg.lr_find, **({"num_training": args.num_training} if args.num_training else {})})
     check_settings(**cfg.lr_find, muon_lr=cfg.muon_lr)  # before any data is decoded
     out = RunDir.create(cfg)
     dm = build_datamodule(cfg)
@@ -257,7 +243,8 @@ class Parser(argparse.ArgumentParser):
     """A wrong flag or value is one line, like every other error a user can cause."""
 
     def error(self, message):
-        raise CifarkitError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+        command = self.prog.partition(" ")[2]  # 'train' in `cifarkit train`; main() prints the program's name
+        raise CifarkitError(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,8 +50,10 @@ def parse_devices(text: str):
         raise argparse.ArgumentTypeError(f"must be auto, a count or a list like 0,1; got '{text}'") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """A run's settings. Frozen: resolved once before the run (`resolve`), then only read; what a
+    time budget changes during the run lives in its Schedule (train/schedule.py)."""
     preset: str = setting("fast", "the recipe whose values are the defaults", flag=False)
     # -- model
     model: str = setting("fast", "architecture (see `cifarkit summary --list`)")
@@ -89,7 +91,8 @@ class TrainConfig:
     muon_ns_steps: int = setting(3, "Newton-Schulz iterations orthogonalizing each Muon step")
     lookahead: bool = setting(False, "average the weights every few steps and copy the average back")
     lookahead_every: int = setting(5, "optimizer steps between lookahead updates")
-    lookahead_decay: float = setting(0.95, "lookahead's EMA decay per 1,024 training examples")
+    lookahead_decay: float = setting(0.95, "lookahead's EMA decay per 1,024 training examples "
+                                           "(LOOKAHEAD_EXAMPLES)")
     lookahead_power: float = setting(3.0, "the decay is scaled by (step / total) ** power: early on "
                                           "the weights are followed, late they are averaged")
     whiten_bias_epochs: int = setting(0, "epochs the whitening stem's bias trains (fast net)")
@@ -178,6 +181,13 @@ def check_choices(cfg: TrainConfig) -> None:
 # 7 epochs), 9 epochs of which the first 4 see images downscaled to 24 px (~70 s an epoch instead
 # of ~115 s), test-time views only for the images the plain pass is < 70% sure of (a third; the
 # same accuracy as viewing all, in 17 s instead of 39 s). Measurements: BENCHMARKS.md.
+# Numbers every recipe shares, with their units.
+LOOKAHEAD_EXAMPLES = 1024  # training examples per which `lookahead_decay` is given (any batch size)
+WHITEN_SAMPLE = 5000       # training images whose 2x2-patch covariance initializes the whitening stem
+UNSURE_SHARE = 0.4         # share of test images under the fast recipe's threshold 0.7 (about a third,
+                           # measured): what a time budget plans for the test-time views of the unsure
+LOW_RES_MAX_SHARE = 0.5    # at most this share of a run's epochs train on low-res images
+
 FAST = dict(
     model="fast",
     model_kwargs=dict(
@@ -247,7 +257,33 @@ def preset_config(name: str, device: str = "cpu", **overrides) -> TrainConfig:
         raise CifarkitError(f"unknown preset '{name}'; choose one of: {', '.join(list_presets())}")
     values = dict(PRESETS[name], preset=name, **(ON_CUDA.get(name, {}) if device == "cuda" else {}))
     given = {k: v for k, v in overrides.items() if v is not None}
-    if given.get("model", values.get("model")) != values.get("model") and "model_kwargs" not in given:
-        values.pop("model_kwargs", None)  # the preset's model settings belong to the preset's model
-    values.update(given)
-    return TrainConfig.from_dict(values)
+    whole = {k: v for k, v in given.items() if isinstance(v, dict)}  # a dict given here replaces the preset's
+    return resolve(TrainConfig.from_dict({**values, **whole}), {k: v for k, v in given.items() if k not in whole})
+
+
+def resolve(cfg: TrainConfig, overrides: dict | None = None) -> TrainConfig:
+    """The run's config, settled once before the run (the CLI and `fit` both call this): `overrides`
+    over `cfg` (None: not given; a dict updates the keys it names), then the rules that keep a config
+    whole, each saying in one line what it changed:
+    - a model other than the preset's drops the preset's model_kwargs (unless they were given);
+    - the albumentations pipeline trains at full size throughout (no low-res epochs);
+    - at most LOW_RES_MAX_SHARE of the epochs train at low res."""
+    from .console import log
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values = dataclasses.asdict(cfg)
+    for name, value in given.items():
+        values[name] = {**values[name], **value} if isinstance(value, dict) and name in ("augment", "lr_find") else value
+    preset = PRESETS.get(values["preset"], {})
+    if (values["model"] != preset.get("model", values["model"]) and "model_kwargs" not in given
+            and values["model_kwargs"] == preset.get("model_kwargs")):
+        values["model_kwargs"] = {}  # the preset's model settings belong to the preset's model
+    augment = values["augment"]
+    if augment.get("pipeline") == "albumentations" and augment.get("low_res"):
+        values["augment"] = {k: v for k, v in augment.items() if k not in ("low_res", "low_res_epochs")}
+        log.warning("notice: the albumentations pipeline trains at full size throughout (no low-res epochs)")
+    augment, most = values["augment"], int(values["epochs"] * LOW_RES_MAX_SHARE)
+    if augment.get("low_res") and augment.get("low_res_epochs", 0) > most:  # e.g. the fast preset with --epochs 4
+        values["augment"] = {**augment, "low_res_epochs": most}
+        log.warning(f"notice: {most} of the {values['epochs']:g} epochs at {augment['low_res']} px (at most "
+                    f"{LOW_RES_MAX_SHARE:.0%} of a run trains on low-res images)")
+    return type(cfg).from_dict(values)

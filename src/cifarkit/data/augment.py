@@ -9,6 +9,7 @@ runs here.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,23 @@ class Augment:
         # progressive resizing: the first low_res_epochs see the whole image downscaled to
         # low_res x low_res (fewer pixels, same content), then full size
         self.low_res, self.low_res_epochs = low_res, low_res_epochs
+        self.schedule = None  # a run's Schedule, once attached: its low-res epochs replace the configured ones
         self.fill = (self.mean * 255).round().to(torch.uint8)          # (3,) mean colour
+
+    @contextmanager
+    def following(self, schedule):
+        """Inside, the low-res epochs are `schedule`'s (anything with `at_low_res(epoch)` and `low_res`)."""
+        before, self.schedule = self.schedule, schedule
+        try:
+            yield self
+        finally:
+            self.schedule = before
+
+    def low_res_at(self, epoch: int) -> int:
+        """px of this epoch's images when it trains at low res, else 0."""
+        if self.schedule is not None:
+            return self.schedule.low_res if self.schedule.at_low_res(epoch) else 0
+        return self.low_res if self.low_res and epoch < self.low_res_epochs else 0
 
     # -- the parts -------------------------------------------------------------------------------
 
@@ -116,8 +133,8 @@ class Augment:
             if self.cutout[1] > 0 and self.cutout_p > 0:
                 x = self.cut(x)
         x = self.normalize(x)
-        if self.low_res and epoch < self.low_res_epochs:
-            x = F.interpolate(x, size=(self.low_res, self.low_res), mode="bilinear", antialias=True)
+        if size := self.low_res_at(epoch):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         return x
 
     def per_sample(self):

@@ -15,7 +15,7 @@ length, in the recipe's share). A resumed run re-plans its remaining steps to th
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import re
 import time
@@ -25,13 +25,14 @@ import torch
 
 from ..console import log
 from ..errors import CifarkitError
+from ..presets import LOW_RES_MAX_SHARE, UNSURE_SHARE, TrainConfig
+from .schedule import Schedule
 
 MARGIN = 0.015       # of the budget kept in reserve against the clock's noise
 DRIFT = 0.035        # re-plan when the predicted finish is more than MARGIN + DRIFT (5%) short of the budget
 OVERRUN = 0.05       # a run this much past its budget says so, and why
 TIMED_STEPS = 6      # steps timed per image size, after WARMUP_STEPS untimed ones
 WARMUP_STEPS = 2
-UNSURE = 0.4        # share of test images under the fast recipe's threshold 0.7 (about a third, measured)
 
 
 def parse_budget(text: str) -> float:
@@ -50,7 +51,7 @@ def parse_budget(text: str) -> float:
 def views_per_image(tta: int, threshold: float) -> float:
     """Forward passes per test image: the plain one, and the extra views for the unsure share."""
     extra = {0: 0, 1: 1, 2: 5}[tta]
-    return 1 + extra * (UNSURE if threshold < 1 else 1.0)
+    return 1 + extra * (UNSURE_SHARE if threshold < 1 else 1.0)
 
 
 def format_seconds(s: float) -> str:
@@ -60,23 +61,38 @@ def format_seconds(s: float) -> str:
 
 @dataclass
 class Plan:
+    """What the time budget measured and planned, and its record of re-plans. The run's length is
+    its `schedule`, the one thing a re-plan writes."""
     budget: float                 # seconds, fit start to tested weights
     spent: float                  # seconds already spent when the plan was made
     step_seconds: dict            # image size (px) -> seconds per optimizer step, measured
-    steps_per_epoch: int
     test_seconds: float           # the test with its test-time views (and calibration), predicted
     val_seconds: float            # one validation pass, predicted (0: no validation split)
-    epochs: float                 # planned
-    low_res_epochs: int
-    low_res: int                  # px of the low-res epochs (0: none)
     batch_size: int
+    schedule: Schedule
     replanned: list = field(default_factory=list)  # (at step, total steps before, after, why)
     finish: float = 0.0           # the finish predicted at the last re-plan (0: not re-planned)
     low_res_share: float = 0.0    # the recipe's share of low-res epochs, kept by re-plans in them
 
     @property
+    def steps_per_epoch(self) -> int:
+        return self.schedule.steps_per_epoch
+
+    @property
     def total_steps(self) -> int:
-        return math.ceil(self.epochs * self.steps_per_epoch - 1e-6)  # total / spe * spe may not be total
+        return self.schedule.total_steps
+
+    @property
+    def epochs(self) -> float:
+        return self.schedule.epochs
+
+    @property
+    def low_res_epochs(self) -> int:
+        return self.schedule.low_res_epochs
+
+    @property
+    def low_res(self) -> int:
+        return self.schedule.low_res
 
     def epoch_seconds(self, low: bool) -> float:
         size = self.low_res if low and self.low_res else max(self.step_seconds)
@@ -101,59 +117,95 @@ class Plan:
                 f"{format_seconds(self.predicted())}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "schedule"}
         d["step_seconds"] = {int(k): round(v, 4) for k, v in self.step_seconds.items()}
-        return {**d, "total_steps": self.total_steps, "images_per_second": self.images_per_second(),
-                "predicted_seconds": round(self.predicted(), 1)}
+        return {**d, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs,
+                "low_res_epochs": self.low_res_epochs, "low_res": self.low_res, "total_steps": self.total_steps,
+                "images_per_second": self.images_per_second(), "predicted_seconds": round(self.predicted(), 1),
+                "schedule": self.schedule.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict, cfg: TrainConfig) -> "Plan":
+        """The plan a config.yaml or checkpoint recorded (one written before schedules were recorded
+        too: its length from `epochs`, the rest of the schedule from `cfg`)."""
+        if "schedule" in d:
+            schedule = Schedule.from_dict(d["schedule"])
+        else:
+            schedule = Schedule.of(cfg, int(d["steps_per_epoch"]), d["epochs"], int(d.get("low_res_epochs", 0)))
+            schedule.low_res = int(d.get("low_res", 0))
+        names = {f.name for f in dataclasses.fields(cls)} - {"schedule"}
+        plan = cls(**{k: v for k, v in d.items() if k in names}, schedule=schedule)
+        plan.step_seconds = {int(k): v for k, v in plan.step_seconds.items()}
+        return plan
+
+    def restore(self, d: dict) -> None:
+        """Become the plan a checkpoint recorded, in place (the run's readers hold this schedule). A
+        plan recorded before schedules were gives its length and low-res epochs."""
+        saved = Schedule.from_dict(d["schedule"]) if "schedule" in d else dataclasses.replace(
+            self.schedule, total_steps=int(d.get("total_steps") or math.ceil(d["epochs"] * self.steps_per_epoch - 1e-6)),
+            low_res_epochs=int(d.get("low_res_epochs", self.low_res_epochs)))
+        for f in dataclasses.fields(Schedule):
+            setattr(self.schedule, f.name, getattr(saved, f.name))
+        self.replanned, self.finish = list(d.get("replanned", [])), float(d.get("finish", 0.0))
+        self.step_seconds = {int(k): v for k, v in d.get("step_seconds", self.step_seconds).items()}
 
 
-def plan_schedule(budget: float, spent: float, step_seconds: dict, steps_per_epoch: int, test_seconds: float,
-                  val_seconds: float, batch_size: int, low_res: int = 0, low_res_share: float = 0.0,
-                  min_epochs: float = 1.0) -> Plan:
-    """The most epochs that fit: low_res_share of them (whole epochs, the nearest) at low_res px."""
-    plan = Plan(budget, spent, dict(step_seconds), steps_per_epoch, test_seconds, val_seconds, 0.0, 0,
-                low_res if low_res_share else 0, batch_size, low_res_share=low_res_share if low_res else 0.0)
+def plan_schedule(budget: float, spent: float, step_seconds: dict, test_seconds: float, val_seconds: float,
+                  batch_size: int, schedule: Schedule, low_res_share: float = 0.0, min_epochs: float = 1.0,
+                  recipe_epochs: float | None = None) -> Plan:
+    """The most epochs that fit, on `schedule`'s shape (its steps per epoch, low-res size, whitening
+    and lookahead): low_res_share of them (whole epochs, the nearest) at low res; given the recipe's
+    own length, the whitening bias keeps its share of the epochs (at least one)."""
+    schedule = dataclasses.replace(schedule)
+    if not low_res_share:
+        schedule.low_res = 0
+    plan = Plan(budget, spent, dict(step_seconds), test_seconds, val_seconds, batch_size, schedule,
+                low_res_share=low_res_share if schedule.low_res else 0.0)
     left = budget * (1 - MARGIN) - spent - test_seconds
     low, full = plan.epoch_seconds(True), plan.epoch_seconds(False)
-    plan.low_res_epochs = low_res_count(plan, left, 0, low, full)
-    plan.epochs = plan.low_res_epochs + (left - plan.low_res_epochs * low) / full
-    if plan.epochs < min_epochs:  # then no epoch is at low res: the least is min_epochs at full size
+    low_epochs = low_res_count(plan, left, 0, low, full)
+    epochs = low_epochs + (left - low_epochs * low) / full
+    if epochs < min_epochs:  # then no epoch is at low res: the least is min_epochs at full size
         least = (spent + test_seconds + min_epochs * full) / (1 - MARGIN)
         raise CifarkitError(f"a time budget of {format_seconds(budget)} leaves {max(left, 0):.0f} s for training "
                             f"here, less than {min_epochs:g} epoch ({full:.0f} s); the least that makes sense on "
                             f"this machine is about --time-budget {format_seconds(least)}")
+    schedule.total_steps = math.ceil(epochs * schedule.steps_per_epoch - 1e-6)
+    schedule.low_res_epochs = low_epochs
+    if schedule.whiten_bias_epochs and recipe_epochs:  # the recipe's share of epochs, at least one
+        schedule.whiten_bias_epochs = max(1, round(schedule.whiten_bias_epochs * epochs / recipe_epochs))
     return plan
 
 
 def low_res_count(plan: Plan, left: float, done: int, low: float, full: float) -> int:
     """How many of a run's epochs are low-res when `left` seconds remain after `done` epochs, all of them
     low-res, and a low-res and a full-size epoch take `low` and `full` seconds: the recipe's share of
-    the epochs that fit, whole epochs (the nearest), at most half of the run, at least those done."""
+    the epochs that fit, whole epochs (the nearest), at most LOW_RES_MAX_SHARE of the run, at least
+    those done."""
     share = plan.low_res_share  # 0 without low-res epochs
     if not share:
         return 0
     # e epochs in all: (share e - done) low + (1 - share) e full = left
     epochs = (left + done * low) / (share * low + (1 - share) * full)
-    return max(done, min(round(share * epochs), int(epochs / 2)))
+    return max(done, min(round(share * epochs), int(epochs * LOW_RES_MAX_SHARE)))
 
 
-def scale_recipe(cfg, plan: Plan, preset_epochs: float | None = None) -> None:
-    """Put the plan into the config: its length, its low-res epochs, and (given the preset's length, at
-    the first plan) the recipe's other epoch-counted parts in proportion."""
-    cfg.epochs = round(plan.epochs, 4)
-    if plan.low_res:
-        cfg.augment = {**cfg.augment, "low_res_epochs": plan.low_res_epochs}
-    if cfg.whiten_bias_epochs and preset_epochs:  # the preset's share of epochs, at least one
-        cfg.whiten_bias_epochs = max(1, round(cfg.whiten_bias_epochs * plan.epochs / preset_epochs))
-    cfg.plan = plan.to_dict()
+def planned_config(cfg: TrainConfig, plan: Plan) -> TrainConfig:
+    """The config a budgeted run records (config.yaml, the checkpoint's hyperparameters): its planned
+    length, low-res epochs and whitening bias, and the plan itself."""
+    s = plan.schedule
+    augment = {**cfg.augment, "low_res_epochs": s.low_res_epochs} if cfg.augment.get("low_res") else cfg.augment
+    return dataclasses.replace(cfg, epochs=round(s.epochs, 4), augment=augment,
+                               whiten_bias_epochs=s.whiten_bias_epochs, plan=plan.to_dict())
 
 
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def measure_steps(module, dm, trainer_kwargs: dict, sizes: list[int]) -> dict:
-    """Seconds per optimizer step at each image size, on the run's own module (its weights, buffers
-    and metric states put back afterwards), after a few untimed warm-up steps."""
+def measure_steps(module, dm, trainer_kwargs: dict, schedule: Schedule, sizes: list[int]) -> dict:
+    """Seconds per optimizer step at each image size, after a few untimed warm-up steps, on the run's
+    own module (on `schedule`'s shape, every step at that size) inside its `scratch()`: its weights,
+    buffers and metric states come back as they were."""
     import lightning as L
 
     class Clock(L.Callback):
@@ -163,25 +215,21 @@ def measure_steps(module, dm, trainer_kwargs: dict, sizes: list[int]) -> dict:
         def on_train_batch_start(self, *args):
             self.times.append(time.perf_counter())
 
-    saved = copy.deepcopy(module.state_dict())
-    low_epochs = dm.augment.low_res_epochs
-    out = {}
-    try:
-        for size in sizes:
-            dm.augment.low_res_epochs = 10**9 if size < 32 else 0  # every step at this size
-            clock = Clock()
-            trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
-                                   "max_epochs": -1, "max_steps": WARMUP_STEPS + TIMED_STEPS + 1,
-                                   "callbacks": [clock], "devices": 1, "num_nodes": 1, "strategy": "auto",
-                                   "limit_val_batches": 0, "enable_progress_bar": False,
-                                   "enable_model_summary": False})
+    out, steps = {}, WARMUP_STEPS + TIMED_STEPS + 1
+    for size in sizes:
+        low = size < 32
+        probe = dataclasses.replace(schedule, total_steps=steps, low_res=size if low else 0,
+                                    low_res_epochs=10**9 if low else 0)  # every step at this size
+        clock = Clock()
+        trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
+                               "max_epochs": -1, "max_steps": steps,
+                               "callbacks": [clock], "devices": 1, "num_nodes": 1, "strategy": "auto",
+                               "limit_val_batches": 0, "enable_progress_bar": False,
+                               "enable_model_summary": False})
+        with module.scratch(schedule=probe), dm.augment.following(probe):
             trainer.fit(module, datamodule=dm)
-            t = clock.times[WARMUP_STEPS:]
-            out[size] = (t[-1] - t[0]) / (len(t) - 1)
-    finally:
-        dm.augment.low_res_epochs = low_epochs
-        module.load_state_dict(saved)
-        module._ema, module._lrs = None, []
+        t = clock.times[WARMUP_STEPS:]
+        out[size] = (t[-1] - t[0]) / (len(t) - 1)
     return out
 
 
@@ -208,11 +256,13 @@ def measure_eval(module, dm, precision: str):
 # -- during training ----------------------------------------------------------------------------
 
 
-def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
+def budget_callback(plan: Plan, start: float):
     """A Lightning callback that re-plans the remaining steps: at the end of each epoch after which the
     predicted finish (from the average step time so far at each image size) is past the budget or
     more than MARGIN + DRIFT short of it, and at the start of a resumed run (then from the
-    budget left when its checkpoint was written). on_replan(plan): called after each re-plan."""
+    budget left when its checkpoint was written). A re-plan writes `plan.schedule` and nothing else
+    of the run (the module, augmentation and run guard read it); every checkpoint keeps the plan, so
+    a resumed run starts from the latest. Place it before the run guard in the trainer's callbacks."""
     import lightning as L
 
     class BudgetGuard(L.Callback):
@@ -229,6 +279,8 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
 
         def load_state_dict(self, state: dict) -> None:
             self.resumed_spent = float(state["spent"])
+            if "plan" in state:
+                plan.restore(state["plan"])
 
         def on_train_start(self, trainer, pl_module) -> None:
             if self.resumed_spent is not None:  # a resumed run: what is left, from here
@@ -268,7 +320,7 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
                 return (elapsed + (low_left * per_step(plan.low_res) if low_left else 0.0)
                         + (total - done - low_left) * per_step(full) + plan.test_seconds)
 
-            finish = finish_at(module.total_steps(), plan.low_res_epochs)
+            finish = finish_at(plan.total_steps, plan.low_res_epochs)
             if plan.budget * (1 - MARGIN - DRIFT) <= finish <= plan.budget:
                 return
             left = plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds
@@ -288,22 +340,16 @@ def budget_callback(plan: Plan, start: float, guard, module, on_replan=None):
                            low_epochs)
 
         def _retarget(self, trainer, total: int, why: str, finish: float, low_epochs: int | None = None) -> None:
-            before = module.total_steps()
-            if low_epochs is not None and low_epochs != plan.low_res_epochs:
-                why += f"; {low_epochs} low-res epochs instead of {plan.low_res_epochs}"
-                plan.low_res_epochs = trainer.datamodule.augment.low_res_epochs = low_epochs
+            before, schedule = plan.total_steps, plan.schedule
+            if low_epochs is not None and low_epochs != schedule.low_res_epochs:
+                why += f"; {low_epochs} low-res epochs instead of {schedule.low_res_epochs}"
+                schedule.low_res_epochs = low_epochs
             elif total == before:
                 return
             plan.replanned.append([trainer.global_step, before, total, why])
             plan.finish = finish
-            plan.epochs = total / plan.steps_per_epoch
-            module.steps = guard.stop_at_step = total
-            for config in trainer.lr_scheduler_configs:
-                config.scheduler.retarget(total)
-            trainer.fit_loop.max_epochs = max(trainer.fit_loop.max_epochs, math.ceil(plan.epochs))
+            schedule.total_steps = total
             log.info(f"time budget: re-planned to {total} steps ({plan.epochs:.2f} epochs): {why}")
-            if on_replan is not None:
-                on_replan(plan)
 
     return BudgetGuard()
 

@@ -103,7 +103,7 @@ class RunGuard(Callback):
         self.stop_requested = False
         self.saved_at: tuple[int, int] | None = None  # (step, epoch) of the checkpoint a Ctrl-C saved
         self.last_saved_step: int | None = None
-        self.stop_at_step: int | None = None  # the run's last step when it ends mid-epoch
+        self.schedule = None  # the run's Schedule: its last step ends the run, mid-epoch too
         self._bad: torch.Tensor | None = None  # (step, loss) of the first non-finite loss; step -1: none
 
     # -- what every checkpoint carries besides Lightning's state ----------------------------------
@@ -154,8 +154,16 @@ class RunGuard(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._stop_at_the_end(trainer)
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop_at_the_end(trainer)
+
     def _stop_at_the_end(self, trainer) -> None:
-        if self.stop_at_step is not None and trainer.global_step >= self.stop_at_step:
+        """Follow the schedule (a time budget may have re-planned it): stop on its last step, and let
+        the trainer start every epoch it needs."""
+        if self.schedule is None:
+            return
+        trainer.fit_loop.max_epochs = max(trainer.fit_loop.max_epochs, self.schedule.max_epochs)
+        if trainer.global_step >= self.schedule.total_steps:
             trainer.should_stop = True  # validation and the epoch-end checkpoint still run
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ..version import __version__
 from ..data.augment import Augment
 from .budget import (Plan, budget_callback, measure_eval, measure_steps, overrun_notice, parse_budget,
-                     plan_schedule, scale_recipe, views_per_image)
+                     plan_schedule, planned_config, views_per_image)
 from ..trust.calibration import TRAIN_SLICE, calibrate_after_training
 from .checkpoints import (DISK_ERRNOS, AtomicCheckpointIO, LastCheckpoint, MetricsLogger, RunGuard,
                           check_checkpoint, disk_error, remove_partial_checkpoints)
@@ -25,7 +25,8 @@ from ..errors import CifarkitError
 from .lr_finder import MUON_REFUSAL, check_settings, find_lr, load_lr_find, save_lr_find
 from ..models import MODELS, build_model, list_models
 from .module import LitClassifier
-from ..presets import TrainConfig, check_choices
+from .schedule import Schedule
+from ..presets import WHITEN_SAMPLE, TrainConfig, check_choices, resolve
 from ..rundir import Results, RunDir, data_name
 from ..weights import save_weights
 
@@ -76,7 +77,7 @@ def build_module(cfg: TrainConfig, dm: CIFARDataModule) -> LitClassifier:
     def build(**kwargs):
         net = build_model(cfg.model, len(dm.classes), **{**cfg.model_kwargs, **kwargs})
         if hasattr(net, "init_from_data"):  # data-dependent init (the whitening stem)
-            net.init_from_data(dm.sample_images(5000))
+            net.init_from_data(dm.sample_images(WHITEN_SAMPLE))
         return net.to(memory_format=torch.channels_last) if cfg.channels_last else net
     proxy = build(widths=cfg.proxy_widths) if cfg.proxy_keep else None
     return LitClassifier(build(), len(dm.classes), cfg, proxy)
@@ -234,56 +235,47 @@ def _resume_point(run: RunDir, cfg: TrainConfig, dm: CIFARDataModule,
     return run.last_ckpt, step
 
 
-def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: RunDir, start: float,
-          resume: bool) -> Plan:
-    """--time-budget: measure this machine's speed and plan the schedule (a resumed run keeps its plan
-    and re-plans what is left when training starts)."""
+def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, start: float, resume: bool) -> Plan:
+    """--time-budget: measure this machine's speed and plan the schedule (a resumed run starts from the
+    plan its config.yaml recorded; its checkpoint then gives the latest, and what is left is re-planned
+    when training starts)."""
+    shape = Schedule.of(cfg, dm.steps_for(1))
     if resume and cfg.plan:
-        fields = {f.name for f in dataclasses.fields(Plan)}
-        plan = Plan(**{k: v for k, v in cfg.plan.items() if k in fields})
-        plan.step_seconds = {int(k): v for k, v in plan.step_seconds.items()}
-        return plan
-    low_res = cfg.augment.get("low_res", 0) if cfg.augment.get("low_res_epochs") else 0
-    precision = resolve_precision(cfg.precision, cfg.accelerator)
-    steps = measure_steps(module, dm, trainer_kwargs(cfg), [low_res, 32] if low_res else [32])
-    eval_seconds = measure_eval(module, dm, precision)
+        return Plan.from_dict(cfg.plan, cfg)
+    sizes = [shape.low_res, 32] if shape.low_res else [32]
+    steps = measure_steps(module, dm, trainer_kwargs(cfg), shape, sizes)
+    eval_seconds = measure_eval(module, dm, resolve_precision(cfg.precision, cfg.accelerator))
     test = eval_seconds(len(dm.arrays.test_y), views_per_image(cfg.tta, cfg.tta_threshold))
     val = eval_seconds(len(dm.val_idx))
     # the temperature is fitted on the last validation's logits; without a validation split, on a
     # slice of the training set predicted after the test
     calibration = 0.0 if len(dm.val_idx) else eval_seconds(min(TRAIN_SLICE, len(dm.arrays.train_y)))
-    plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, dm.steps_for(1),
-                         test + calibration, val,
-                         cfg.batch_size, low_res, cfg.augment.get("low_res_epochs", 0) / cfg.epochs)
-    scale_recipe(cfg, plan, preset_epochs=cfg.epochs)
-    dm.augment.low_res_epochs = plan.low_res_epochs
-    run.write_config(cfg)
+    plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, test + calibration, val,
+                         cfg.batch_size, shape, shape.low_res_epochs / cfg.epochs, recipe_epochs=cfg.epochs)
     log.info(plan.describe())
     return plan
 
 
 def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: RunDir,
              resumed_step: int | None, plan: Plan | None = None, start: float = 0.0) -> tuple[L.Trainer, RunGuard]:
+    """The run's trainer and guard, and the schedule the module, augmentation and guard read from here on."""
     guard = RunGuard(run, cfg.model, dm.classes, cfg.check_every_steps)
     callbacks = [guard, ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", save_top_k=1, mode="max",
                                         monitor="val_acc" if len(dm.val_idx) else None,
                                         enable_version_counter=False),
                  LastCheckpoint(run.last_ckpt, cfg.ckpt_every_steps)]
-    if plan is not None:
-        def saved(p: Plan) -> None:  # config.yaml holds the latest plan: a resume starts from it
-            scale_recipe(cfg, p)
-            run.write_config(cfg)
-        callbacks.append(budget_callback(plan, start, guard, module, on_replan=saved))
+    if plan is not None:  # before the guard: a re-plan at an epoch end is what the guard reads then
+        callbacks.insert(0, budget_callback(plan, start))
     # Epoch-bounded, never max_steps: Lightning resumes a step-bounded run from an epoch-end
     # checkpoint by replaying that epoch's end. A fractional last epoch stops via the guard.
     with _machine_errors():
         trainer = L.Trainer(**with_bar(trainer_kwargs(cfg), callbacks), max_epochs=math.ceil(cfg.epochs),
                             logger=_loggers(cfg, run, resumed_step), default_root_dir=str(run.path),
                             plugins=[AtomicCheckpointIO(run.path)])
-    if plan is not None:  # one process
-        module.steps = guard.stop_at_step = plan.total_steps
-    elif cfg.epochs != int(cfg.epochs):  # each rank sees 1/world_size of the data per epoch
-        module.steps = guard.stop_at_step = math.ceil(cfg.epochs * dm.steps_for(trainer.world_size))
+    # each rank sees 1/world_size of the data per epoch; a time budget plans one process
+    schedule = plan.schedule if plan is not None else Schedule.of(cfg, dm.steps_for(trainer.world_size))
+    module.record(cfg, schedule)
+    dm.augment.schedule = guard.schedule = schedule
     return trainer, guard
 
 
@@ -305,22 +297,23 @@ def _start_block(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, r
         f"  model     {cfg.model}: {params:,} parameters",
         f"  machine   {where}, {torch.get_num_threads()} threads, {precision} ({why})",
         f"  schedule  {cfg.epochs:g} epoch{'s' * (cfg.epochs != 1)} of {steps} steps of {cfg.batch_size} images "
-        f"({module.steps or math.ceil(cfg.epochs) * steps:,} steps), peak lr {module.lr:.4g}; test-time views: {views}"]))
+        f"({module.total_steps():,} steps), peak lr {module.lr:.4g}; test-time views: {views}"]))
 
 
 def _write_results(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, trainer: L.Trainer,
-                   test: dict, run: RunDir, start: float, resumed_step: int | None) -> None:
+                   test: dict, run: RunDir, start: float, resumed_step: int | None, plan: Plan | None) -> None:
     save_weights(module.net, run.weights_file, cfg.model, dm.classes, dm.mean, dm.std,
                  cfg.model_kwargs, extra={"test_acc": f"{test['test_acc']:.4f}"})
     run.write_results(Results(
-        test_acc=test["test_acc"], test_loss=test["test_loss"], epochs=cfg.epochs, steps=trainer.global_step,
+        test_acc=test["test_acc"], test_loss=test["test_loss"], epochs=round(module.schedule.epochs, 4),
+        steps=trainer.global_step,
         seconds=round(time.time() - start, 1), preset=cfg.preset, model=cfg.model, lr=module.lr,
         data=dm.arrays.source, data_name=cfg.data_name or data_name(dm.arrays.source),
         train_images=len(dm.train_idx), val_images=len(dm.val_idx), test_images=len(dm.arrays.test_y),
         seed=cfg.seed, tta=cfg.tta, tta_threshold=cfg.tta_threshold,
         precision=trainer_kwargs(cfg)["precision"], world_size=trainer.world_size,
         resumed_from_step=resumed_step, time_budget=parse_budget(cfg.time_budget) if cfg.time_budget else None,
-        plan=cfg.plan or None, cifarkit_version=__version__, torch_version=torch.__version__,
+        plan=plan.to_dict() if plan is not None else None, cifarkit_version=__version__, torch_version=torch.__version__,
         threads=torch.get_num_threads(), cpu_count=os.cpu_count()))
 
 
@@ -333,6 +326,7 @@ def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) ->
     """
     start = time.time()
     clock = min(start, started) if started is not None else start  # what --time-budget counts from
+    cfg = resolve(cfg)
     validate(cfg)
     if cfg.lr == "auto" and not resume and launched_externally():
         raise CifarkitError("torchrun and srun start every rank at once, so the LR range test cannot run "
@@ -350,12 +344,14 @@ def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) ->
     with _disk_errors(run):
         if not follower:
             remove_partial_checkpoints(run.checkpoints)
-            if not resume:
-                run.write_config(cfg)
         module = build_module(cfg, dm)
         module.lr = _peak_lr(cfg, dm, module, run, follower)
-        plan = _plan(cfg, dm, module, run, clock, resume) if cfg.time_budget else None
+        plan = _plan(cfg, dm, module, clock, resume) if cfg.time_budget else None
+        if plan is not None:
+            cfg = planned_config(cfg, plan)
         trainer, guard = _trainer(cfg, dm, module, run, resumed_step, plan, clock)
+        if not follower and not resume:
+            run.write_config(cfg)  # once, after planning: what a replay or a resume starts from
         if not follower:
             _start_block(cfg, dm, module, run, trainer)
         with guard.catching_sigint(), _shared_with_ranks(run):
@@ -363,7 +359,7 @@ def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) ->
         fitted = time.time()
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
         if trainer.is_global_zero:
-            _write_results(cfg, dm, module, trainer, test, run, start, resumed_step)
+            _write_results(cfg, dm, module, trainer, test, run, start, resumed_step, plan)
             # T in the weights' metadata: predictions are calibrated (from this run's own logits)
             calibrate_after_training(run, *_held_out_and_test_logits(module, trainer))
             if plan is not None and resumed_step is None:  # the calibration pass is in the plan's test

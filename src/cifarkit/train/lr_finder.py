@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -237,6 +238,15 @@ def check_settings(min_lr: float = 1e-5, max_lr: float = 10.0, num_training: int
     check_sweepable(muon_lr)
 
 
+@contextmanager
+def _restored(module):
+    saved = copy.deepcopy(module.state_dict())
+    try:
+        yield module
+    finally:
+        module.load_state_dict(saved)
+
+
 def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None, trainer_kwargs: dict,
             min_lr: float = 1e-5, max_lr: float = 10.0, num_training: int = 200,
             beta: float | None = None) -> LRFind:
@@ -270,18 +280,10 @@ def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None,
                            "devices": one, "num_nodes": 1, "strategy": "auto",
                            "limit_val_batches": 0, "num_sanity_val_steps": 0,
                            "accumulate_grad_batches": 1, "enable_model_summary": False})
-    saved = copy.deepcopy(module.state_dict())
-    lookahead = getattr(hp, "lookahead", False)
-    if lookahead:  # the weight average would blend the sweep's steps into the net
-        hp.lookahead = False
-    try:
+    # cifarkit's module puts itself back (lookahead off: the average would blend the sweep's steps
+    # into the net); any other module gets its weights, buffers and metric states back
+    with (module.scratch(lookahead=False) if hasattr(module, "scratch") else _restored(module)):
         trainer.fit(module, datamodule=datamodule)
-    finally:
-        module.load_state_dict(saved)
-        if lookahead:
-            hp.lookahead = lookahead
-        if hasattr(module, "_ema"):
-            module._ema = None
     if not sweep.raw:
         raise CifarkitError("the LR range test recorded no loss (an empty training set?): give --lr a number")
     curve = dict(lr=sweep.lr, raw_loss=sweep.raw, smooth_loss=smooth(sweep.raw, beta),

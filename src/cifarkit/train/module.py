@@ -1,13 +1,16 @@
 """One LightningModule around any registered net: loss, metrics, SGD + OneCycle, lookahead, TTA.
 
 Every number of a recipe comes from its TrainConfig (presets.py); nothing here has a default of
-its own.
+its own. The run's length (total steps, whitening-bias epochs, lookahead shape) comes from its
+Schedule (schedule.py), which a time budget may re-plan while the run trains: the module reads it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import warnings
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -17,6 +20,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .optim import MuonSGD
+from .schedule import Schedule
 from ..presets import TrainConfig
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
@@ -85,15 +89,17 @@ def hardest(x: torch.Tensor, y: torch.Tensor, losses: torch.Tensor, keep: float)
 
 
 class LitClassifier(L.LightningModule):
-    def __init__(self, net: nn.Module, num_classes: int, cfg: TrainConfig, proxy: nn.Module | None = None):
+    def __init__(self, net: nn.Module, num_classes: int, cfg: TrainConfig, proxy: nn.Module | None = None,
+                 schedule: Schedule | None = None):
         super().__init__()
         self.cfg = cfg
-        self.save_hyperparameters(dataclasses.asdict(cfg))  # into every checkpoint, as plain values
         self.net = net
         self.proxy = proxy  # cfg.proxy_keep: a small net that ranks each batch's examples by its loss
-        # the peak rate; an LR range test replaces it before fit (configure_optimizers reads it)
-        self.lr = float(cfg.lr) if cfg.lr != "auto" else 1e-3
-        self.steps: int | None = None  # optimizer steps of the run when it ends part-way into an epoch
+        # the peak rate (configure_optimizers reads it); with lr 'auto', the LR range test's first rate
+        # until the test sets its suggestion (the groups' ratios to it are what the sweep keeps)
+        self.lr = float(cfg.lr) if cfg.lr != "auto" else float(cfg.lr_find["min_lr"])
+        # the run's length; None: the trainer's (every epoch whole), the config's whitening and lookahead
+        self.schedule = schedule
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3))
         # epoch means of training metrics live in checkpoints: a mid-epoch resume keeps the whole epoch
@@ -101,7 +107,8 @@ class LitClassifier(L.LightningModule):
         for m in (self.train_loss, self.train_acc):
             m.persistent(True)
         self._ema: dict[str, torch.Tensor] | None = None
-        self._batch = 1024  # examples in the latest training batch
+        self._batch = cfg.batch_size  # examples per optimizer step of the net, as of the latest batch
+        self._lookahead_on = cfg.lookahead
         self._lrs: list[tuple[int, float]] = []  # (step, lr) not yet handed to the loggers
         self.plain_logits: dict[str, list[torch.Tensor]] = {"val": [], "test": []}  # single-view, in order
         # static shapes; kept out of the module's children so checkpoints hold the plain net
@@ -109,6 +116,28 @@ class LitClassifier(L.LightningModule):
 
     def forward(self, x):
         return self.net(x)
+
+    def record(self, cfg: TrainConfig, schedule: Schedule) -> None:
+        """The run's resolved config and schedule, once planned: what every checkpoint's hyperparameters
+        hold (as plain values), and the schedule the module reads from here on."""
+        self.cfg, self.schedule = cfg, schedule
+        self.save_hyperparameters({**dataclasses.asdict(cfg), "schedule": schedule.to_dict()})
+
+    @contextmanager
+    def scratch(self, schedule: Schedule | None = None, lookahead: bool = True):
+        """Fits inside leave no trace: weights, buffers and metric states come back, and the lookahead
+        average and the rates not yet logged are dropped. schedule: the length fits inside follow;
+        lookahead=False: no weight averaging inside (an LR sweep's steps would be blended in)."""
+        saved = copy.deepcopy(self.state_dict())
+        before = self.schedule, self._lookahead_on
+        self.schedule = schedule or self.schedule
+        self._lookahead_on = self._lookahead_on and lookahead
+        try:
+            yield self
+        finally:
+            self.load_state_dict(saved)
+            self.schedule, self._lookahead_on = before
+            self._ema, self._lrs = None, []
 
     # -- steps: nothing here reads a value back from the device -----------------------------------
 
@@ -182,7 +211,7 @@ class LitClassifier(L.LightningModule):
         return groups
 
     def total_steps(self) -> int:
-        return self.steps or int(self.trainer.estimated_stepping_batches)
+        return self.schedule.total_steps if self.schedule is not None else int(self.trainer.estimated_stepping_batches)
 
     def _optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         hp = self.cfg
@@ -204,6 +233,11 @@ class LitClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- fast-recipe hooks -----------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch, batch_idx):
+        for config in self.trainer.lr_scheduler_configs:  # a re-planned length: the one-cycle follows
+            if isinstance(config.scheduler, OneCycle) and config.scheduler.total_steps != self.total_steps():
+                config.scheduler.retarget(self.total_steps())
 
     def on_train_start(self):
         self._epoch_start = time.perf_counter()  # a run resumed inside an epoch times from here
@@ -228,6 +262,8 @@ class LitClassifier(L.LightningModule):
         self.log("epoch_seconds", time.perf_counter() - self._epoch_start, on_epoch=True, sync_dist=True)
 
     def _stem_bias_trains(self) -> bool:
+        if self.schedule is not None:
+            return self.schedule.whiten_bias_trains(self.current_epoch)
         return self.current_epoch < self.cfg.whiten_bias_epochs
 
     def _nets(self) -> list[nn.Module]:
@@ -242,19 +278,17 @@ class LitClassifier(L.LightningModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         # here rather than in on_train_batch_end: a checkpoint taken after this step includes it
-        if self.cfg.lookahead:
+        if self._lookahead_on:
             self._lookahead_step(self.global_step + 1)  # Lightning counts the step after this hook
 
     def _lookahead_step(self, step: int) -> None:
-        total = self.total_steps()
         if self._ema is None:
             self._ema = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        hp = self.cfg
-        if step >= total:
-            self._lookahead(1.0)  # the last step: the net becomes the average
-        elif step % hp.lookahead_every == 0:
-            per_step = hp.lookahead_decay ** (self._batch / 1024)  # the same window at any batch size
-            self._lookahead(per_step ** hp.lookahead_every * (step / total) ** hp.lookahead_power)
+        # without a run's schedule: the config's lookahead over the trainer's steps
+        schedule = self.schedule or Schedule.of(self.cfg, steps_per_epoch=1, epochs=self.total_steps())
+        decay = schedule.lookahead_decay_at(step, self._batch)
+        if decay is not None:
+            self._lookahead(decay)
 
     @torch.no_grad()
     def _lookahead(self, decay: float) -> None:
