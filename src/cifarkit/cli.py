@@ -113,8 +113,9 @@ def _report(run_dir: Path, args) -> Path | None:
     if args.no_report:
         return None
     from .report.report import write_report
+    from .rundir import RunDir
     try:
-        return write_report(run_dir) / "index.html"
+        return write_report(run_dir) / RunDir.REPORT_PAGE
     except CifarkitError as exc:
         log.warning(f"report not written: {exc}; rerun with `cifarkit report {run_dir}`")
         return None
@@ -144,17 +145,17 @@ def cmd_train(args):
 
 def cmd_report(args):
     from .report.report import write_report
+    from .rundir import RunDir
     out = write_report(args.run_dir, n=args.n, method=args.method, out=args.out,
                        corruption_images=args.corruption_images)
-    print(f"report: {out / 'index.html'}")
+    print(f"report: {out / RunDir.REPORT_PAGE}")
 
 
 def cmd_audit(args):
-    from .train.audit import CSV_NAME, audit, check_folds
+    from .train.audit import audit, check_folds
     check_folds(args.folds)
     result = audit(args.run_dir, args.folds, args.out)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "audit"
-    print(f"{len(result.issues)} likely label errors among {len(result.indices):,} training images: {out / CSV_NAME}")
+    print(f"{len(result.issues)} likely label errors among {len(result.indices):,} training images: {result.csv}")
 
 
 def cmd_compare(args):

@@ -101,7 +101,8 @@ def _loggers(cfg: TrainConfig, run: RunDir, resumed_step: int | None) -> list:
     loggers = [MetricsLogger(run.metrics_file, keep_before_step=resumed_step)]
     if cfg.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
-        loggers.append(TensorBoardLogger(save_dir=str(run.path), name="tensorboard", version=""))
+        tb = run.tensorboard_dir
+        loggers.append(TensorBoardLogger(save_dir=str(tb.parent), name=tb.name, version=""))
     return loggers
 
 
@@ -265,7 +266,7 @@ def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: Run
 def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: RunDir,
              resumed_step: int | None, plan: Plan | None = None, start: float = 0.0) -> tuple[L.Trainer, RunGuard]:
     guard = RunGuard(run, cfg.model, dm.classes, cfg.check_every_steps)
-    callbacks = [guard, ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", save_top_k=1, mode="max",
+    callbacks = [guard, ModelCheckpoint(dirpath=str(run.checkpoints), filename=run.best_ckpt.stem, save_top_k=1, mode="max",
                                         monitor="val_acc" if len(dm.val_idx) else None,
                                         enable_version_counter=False),
                  LastCheckpoint(run.last_ckpt, cfg.ckpt_every_steps)]

@@ -28,6 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..errors import CifarkitError
+from ..rundir import RunDir, atomic_write
 
 if TYPE_CHECKING:  # Lightning is imported by find_lr only: reading and drawing a record needs none
     import lightning as L
@@ -310,9 +311,9 @@ def save_lr_find(run_dir: Path, result: LRFind | dict) -> None:
     """RUN/lr_find.json (the curve, the suggestion and its reason) and RUN/lr_find.png. Only for a
     curve with a suggestion: a resumed run takes its peak rate from that file."""
     curve = result.curve if isinstance(result, LRFind) else result
-    run_dir = Path(run_dir)
-    (run_dir / "lr_find.json").write_text(json.dumps({k: _jsonable(v) for k, v in curve.items()}))
-    plot_lr_find(curve).savefig(run_dir / "lr_find.png", dpi=120, bbox_inches="tight")
+    run = RunDir(run_dir)
+    atomic_write(run.lr_find_json, json.dumps({k: _jsonable(v) for k, v in curve.items()}))
+    plot_lr_find(curve).savefig(run.lr_find_png, dpi=120, bbox_inches="tight")
 
 
 def load_lr_find(path: Path) -> dict:
