@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import subprocess
 import sys
 import warnings
@@ -61,6 +62,25 @@ def test_each_preset_is_a_valid_config_and_states_the_fast_nets_settings():
             net.block3.conv1.out_channels] == fast.model_kwargs["widths"]
     assert net.block1.norm1.momentum == fast.model_kwargs["bn_momentum"]
     assert net.head_scale == fast.model_kwargs["head_scale"]
+
+
+def test_the_data_module_the_augmentation_and_the_lr_sweep_default_to_trainconfigs_declaration():
+    from cifarkit.data.augment import Augment
+    from cifarkit.data.datamodule import CIFARDataModule
+    from cifarkit.train.lr_finder import check_settings, find_lr
+    cfg = TrainConfig()
+    params = inspect.signature(CIFARDataModule).parameters
+    for name in set(params) - {"augment"}:
+        assert params[name].default == getattr(cfg, name), name
+    aug = Augment([0.5] * 3, [0.25] * 3)
+    a = cfg.augment
+    assert (aug.flip, aug.pad, aug.pad_mode, aug.pipeline, aug.seed) == (a["flip"], a["pad"], a["pad_mode"],
+                                                                          a["pipeline"], cfg.seed)
+    assert (aug.cutout[1], aug.holes[0], aug.cutout_p, aug.low_res) == (a["cutout"], a["cutout_holes"],
+                                                                         a["cutout_p"], a["low_res"])
+    for fn in (check_settings, find_lr):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in cfg.lr_find} == cfg.lr_find, fn.__name__
 
 
 def test_the_lookahead_settings_drive_the_module(monkeypatch):
