@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from cifarkit import CifarkitError
 from cifarkit.cli import add_config_flags, config_from_args
 from cifarkit.models import build_model
 from cifarkit.train.module import LitClassifier
@@ -39,6 +40,23 @@ def test_every_setting_has_help_and_every_scalar_one_is_a_flag():
     for f in dataclasses.fields(TrainConfig)[1:]:
         assert f.metadata["help"], f.name
         assert (f.name in flags) == f.metadata["flag"], f.name
+
+
+def test_the_subcommands_setting_flags_take_help_type_and_choices_from_trainconfig():
+    from cifarkit.cli import build_parser
+    parser = build_parser()
+    args = parser.parse_args(["test", "run", "--tta", "1", "--tta-threshold", "0.5"])
+    assert (args.tta, args.tta_threshold) == (1, 0.5)
+    assert parser.parse_args(["lr-find", "--num-training", "50"]).num_training == 50
+    helps = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    sub = parser._subparsers._group_actions[0].choices
+    tta = {a.dest: a for a in sub["test"]._actions}
+    assert tta["tta"].choices == helps["tta"]["choices"] and tta["tta"].help.startswith(helps["tta"]["help"])
+    assert tta["tta_threshold"].help == f"{helps['tta_threshold']['help']} (default: the run's)"
+    steps = {a.dest: a for a in sub["lr-find"]._actions}["num_training"]
+    assert steps.type is int and steps.help.startswith(helps["lr_find"]["keys"]["num_training"])
+    with pytest.raises(CifarkitError, match="invalid choice"):
+        parser.parse_args(["test", "run", "--tta", "3"])
 
 
 def test_flags_override_the_preset_and_bad_values_are_one_line(capsys):

@@ -23,10 +23,12 @@ from .errors import CifarkitError
 
 
 def setting(default=None, help: str = "", *, factory=None, choices: tuple | None = None,
-            flag: bool = True, machine: bool = False, parse=None, subkey: str | None = None):
+            flag: bool = True, machine: bool = False, parse=None, subkey: str | None = None,
+            keys: dict[str, str] | None = None):
     """A TrainConfig field. flag=False: config files only. machine: `--resume` may change it.
-    parse: str -> value for the CLI. subkey: for a dict field, the flag sets this one key."""
-    meta = dict(help=help, choices=choices, flag=flag, machine=machine, parse=parse, subkey=subkey)
+    parse: str -> value for the CLI. subkey: for a dict field, the flag sets this one key.
+    keys: for a dict field, the help of each key (a subcommand may take one as its own flag)."""
+    meta = dict(help=help, choices=choices, flag=flag, machine=machine, parse=parse, subkey=subkey, keys=keys)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -108,7 +110,9 @@ class TrainConfig:
     tta_threshold: float = setting(1.0, "extra test-time views only where the plain top probability is "
                                         "below this (1: every image)")
     lr_find: dict = setting(help="LR range test: min_lr, max_lr, num_training", flag=False,
-                            factory=lambda: {"min_lr": 1e-5, "max_lr": 10.0, "num_training": 200})
+                            factory=lambda: {"min_lr": 1e-5, "max_lr": 10.0, "num_training": 200},
+                            keys=dict(min_lr="the sweep's first learning rate", max_lr="the sweep's last learning rate",
+                                      num_training="steps of the sweep"))
     eval_batch_size: int = setting(1000, "batch size of validation and test")
     drop_last: bool = setting(False, "drop each epoch's last, smaller training batch (fixed shapes: "
                                      "cudnn.benchmark and torch.compile plan once)")
