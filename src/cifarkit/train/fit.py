@@ -266,8 +266,8 @@ def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: Run
 def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: RunDir,
              resumed_step: int | None, plan: Plan | None = None, start: float = 0.0) -> tuple[L.Trainer, RunGuard]:
     guard = RunGuard(run, cfg.model, dm.classes, cfg.check_every_steps)
-    callbacks = [guard, ModelCheckpoint(dirpath=str(run.checkpoints), filename=run.best_ckpt.stem, save_top_k=1, mode="max",
-                                        monitor="val_acc" if len(dm.val_idx) else None,
+    callbacks = [guard, ModelCheckpoint(dirpath=str(run.best_ckpt.parent), filename=run.best_ckpt.stem,
+                                        save_top_k=1, mode="max", monitor="val_acc" if len(dm.val_idx) else None,
                                         enable_version_counter=False),
                  LastCheckpoint(run.last_ckpt, cfg.ckpt_every_steps)]
     if plan is not None:
