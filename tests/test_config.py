@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import subprocess
 import sys
 import warnings
@@ -11,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+from cifarkit import CifarkitError
 from cifarkit.cli import add_config_flags, config_from_args
 from cifarkit.models import build_model
 from cifarkit.train.module import LitClassifier
@@ -44,6 +46,23 @@ def test_every_setting_has_help_and_every_scalar_one_is_a_flag():
         assert (f.name in flags) == f.metadata["flag"], f.name
 
 
+def test_the_subcommands_setting_flags_take_help_type_and_choices_from_trainconfig():
+    from cifarkit.cli import build_parser
+    parser = build_parser()
+    args = parser.parse_args(["test", "run", "--tta", "1", "--tta-threshold", "0.5"])
+    assert (args.tta, args.tta_threshold) == (1, 0.5)
+    assert parser.parse_args(["lr-find", "--num-training", "50"]).num_training == 50
+    helps = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    sub = parser._subparsers._group_actions[0].choices
+    tta = {a.dest: a for a in sub["test"]._actions}
+    assert tta["tta"].choices == helps["tta"]["choices"] and tta["tta"].help.startswith(helps["tta"]["help"])
+    assert tta["tta_threshold"].help == f"{helps['tta_threshold']['help']} (default: the run's)"
+    steps = {a.dest: a for a in sub["lr-find"]._actions}["num_training"]
+    assert steps.type is int and steps.help.startswith(helps["lr_find"]["keys"]["num_training"])
+    with pytest.raises(CifarkitError, match="invalid choice"):
+        parser.parse_args(["test", "run", "--tta", "3"])
+
+
 def test_flags_override_the_preset_and_bad_values_are_one_line(capsys):
     from cifarkit.cli import build_parser, main
     cfg = config_from_args(build_parser().parse_args(["train", "--preset", "quick", "--tta", "1",
@@ -65,6 +84,25 @@ def test_each_preset_is_a_valid_config_and_states_the_fast_nets_settings():
             net.block3.conv1.out_channels] == fast.model_kwargs["widths"]
     assert net.block1.norm1.momentum == fast.model_kwargs["bn_momentum"]
     assert net.head_scale == fast.model_kwargs["head_scale"]
+
+
+def test_the_data_module_the_augmentation_and_the_lr_sweep_default_to_trainconfigs_declaration():
+    from cifarkit.data.augment import Augment
+    from cifarkit.data.datamodule import CIFARDataModule
+    from cifarkit.train.lr_finder import check_settings, find_lr
+    cfg = TrainConfig()
+    params = inspect.signature(CIFARDataModule).parameters
+    for name in set(params) - {"augment"}:
+        assert params[name].default == getattr(cfg, name), name
+    aug = Augment([0.5] * 3, [0.25] * 3)
+    a = cfg.augment
+    assert (aug.flip, aug.pad, aug.pad_mode, aug.pipeline, aug.seed) == (a["flip"], a["pad"], a["pad_mode"],
+                                                                          a["pipeline"], cfg.seed)
+    assert (aug.cutout[1], aug.holes[0], aug.cutout_p, aug.low_res) == (a["cutout"], a["cutout_holes"],
+                                                                         a["cutout_p"], a["low_res"])
+    for fn in (check_settings, find_lr):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in cfg.lr_find} == cfg.lr_find, fn.__name__
 
 
 def test_the_lookahead_settings_drive_the_module(monkeypatch):

@@ -3,6 +3,7 @@ import torch
 
 from cifarkit import CifarkitError
 from cifarkit.models import build_model, list_models
+from cifarkit.presets import FAST
 
 
 @pytest.mark.parametrize("name,params", [("resnet18_gn", 11_173_962), ("custom_resnet", 6_573_130)])
@@ -50,3 +51,13 @@ def test_every_model_takes_the_smaller_images_of_low_res_epochs(name):
     with torch.no_grad():
         for size in (24, 32):
             assert net(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def test_the_fast_nets_settings_default_to_the_fast_recipes_and_reach_every_batchnorm():
+    kw = FAST["model_kwargs"]
+    net = build_model("fast", 10)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 6 and all(n.eps == kw["bn_eps"] == 1e-12 and n.momentum == kw["bn_momentum"] for n in norms)
+    assert net.head_scale == kw["head_scale"] and net.whiten_eps == kw["whiten_eps"]
+    assert all(n.eps == 1e-5 for n in build_model("fast", 10, bn_eps=1e-5).modules()
+               if isinstance(n, torch.nn.BatchNorm2d))

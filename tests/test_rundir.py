@@ -10,7 +10,7 @@ from cifarkit import CifarkitError
 from cifarkit.cli import main
 from cifarkit.models import build_model
 from cifarkit.presets import preset_config
-from cifarkit.rundir import Results, RunDir, data_name
+from cifarkit.rundir import Results, RunDir, atomic_path, atomic_write, data_name
 from cifarkit.weights import save_weights
 
 CLASSES = ["a", "b", "c", "d"]
@@ -102,3 +102,25 @@ def test_a_published_copy_names_the_data_and_holds_no_path(tmp_path):
     public = json.loads((dest / "results.json").read_text())
     assert public["data"] == "CIFAR-10, JPEG-q75 copy" and "/home/someone" not in json.dumps(public)
     assert run.read_results().data.startswith("/home/someone")  # the run itself keeps it for replay
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_no_temporary_file(tmp_path):
+    target = tmp_path / "results.json"
+    atomic_write(target, "old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the n")
+            raise OSError("disk full")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_every_name_of_a_run_directory_is_the_run_directorys(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.best_ckpt == tmp_path / "checkpoints" / "best.ckpt"
+    assert (run.tensorboard_dir, run.audit_dir, run.gradcam_dir) == (
+        tmp_path / "tensorboard", tmp_path / "audit", tmp_path / "gradcam")
+    assert run.figure("curves") == tmp_path / "report" / "curves.png"
+    with pytest.raises(ValueError, match="unknown report figure"):
+        run.figure("curve")

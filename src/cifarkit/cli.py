@@ -18,6 +18,21 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _add_flag(p: argparse.ArgumentParser, name: str, typ, meta: dict, help: str) -> None:
+    """--name for a setting of type `typ`, its choices and parser from its declaration (`meta`);
+    not given, it is None (the setting's value comes from elsewhere)."""
+    kwargs = dict(help=help, dest=name, default=None)
+    if meta.get("choices"):
+        kwargs["choices"] = meta["choices"]
+    if meta.get("parse"):
+        kwargs["type"] = meta["parse"]
+    elif typ is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typ in (int, float) or typ in (int | None, float | None):
+        kwargs["type"] = int if typ in (int, int | None) else float
+    p.add_argument(_flag(name), **kwargs)
+
+
 def add_config_flags(p: argparse.ArgumentParser, cls=None) -> None:
     """One flag per TrainConfig setting (its help, type and choices), plus --preset and --config."""
     from .presets import TrainConfig, list_presets, settings
@@ -25,19 +40,22 @@ def add_config_flags(p: argparse.ArgumentParser, cls=None) -> None:
                                     "(default fast)")
     p.add_argument("--config", help="replay a saved run config (config.yaml); flags override it")
     for f, typ in settings(cls or TrainConfig):
-        meta = f.metadata
-        if not meta.get("flag", True):
-            continue
-        kwargs = dict(help=meta["help"], dest=f.name, default=None)
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if meta.get("parse"):
-            kwargs["type"] = meta["parse"]
-        elif typ is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typ in (int, float) or typ in (int | None, float | None):
-            kwargs["type"] = int if typ in (int, int | None) else float
-        p.add_argument(_flag(f.name), **kwargs)
+        if f.metadata.get("flag", True):
+            _add_flag(p, f.name, typ, f.metadata, f.metadata["help"])
+
+
+def add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...], default_text: str) -> None:
+    """A subcommand's flags for the named TrainConfig settings ('lr_find.num_training': one key of
+    a dict setting, --num-training), declared there; default_text says what it does without one."""
+    from .presets import default, settings
+    fields = {f.name: (f, typ) for f, typ in settings()}
+    for name in names:
+        field, _, key = name.partition(".")
+        f, typ = fields[field]
+        if key:
+            _add_flag(p, key, type(default(field)[key]), {}, f"{f.metadata['keys'][key]} ({default_text})")
+        else:
+            _add_flag(p, field, typ, f.metadata, f"{f.metadata['help']} ({default_text})")
 
 
 def _overrides(args, cls) -> dict:
@@ -100,8 +118,9 @@ def _report(run_dir: Path, args) -> Path | None:
     if args.no_report:
         return None
     from .report.report import write_report
+    from .rundir import RunDir
     try:
-        return write_report(run_dir) / "index.html"
+        return write_report(run_dir) / RunDir.REPORT_PAGE
     except CifarkitError as exc:
         log.warning(f"report not written: {exc}; rerun with `cifarkit report {run_dir}`")
         return None
@@ -131,17 +150,17 @@ def cmd_train(args):
 
 def cmd_report(args):
     from .report.report import write_report
+    from .rundir import RunDir
     out = write_report(args.run_dir, n=args.n, method=args.method, out=args.out,
                        corruption_images=args.corruption_images)
-    print(f"report: {out / 'index.html'}")
+    print(f"report: {out / RunDir.REPORT_PAGE}")
 
 
 def cmd_audit(args):
-    from .train.audit import CSV_NAME, audit, check_folds
+    from .train.audit import audit, check_folds
     check_folds(args.folds)
     result = audit(args.run_dir, args.folds, args.out)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "audit"
-    print(f"{len(result.issues)} likely label errors among {len(result.indices):,} training images: {out / CSV_NAME}")
+    print(f"{len(result.issues)} likely label errors among {len(result.indices):,} training images: {result.csv}")
 
 
 def cmd_compare(args):
@@ -306,15 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("test", help="test accuracy of a finished run")
     p.add_argument("run_dir")
     p.add_argument("--data", help="another copy of the data source")
-    p.add_argument("--tta", type=int, choices=[0, 1, 2], help="test-time views (default: the run's)")
-    p.add_argument("--tta-threshold", type=float,
-                   help="extra views only for images whose plain top probability is below this; "
-                        "1 = every image (default: the run's)")
+    add_setting_flags(p, ("tta", "tta_threshold"), "default: the run's")
     p.set_defaults(func=cmd_test)
 
     p = command("lr-find", help="LR range test: prints the suggestion, saves the curve")
     add_config_flags(p)
-    p.add_argument("--num-training", type=int, help="steps of the sweep (default from the preset)")
+    add_setting_flags(p, ("lr_find.num_training",), "default from the preset")
     p.set_defaults(func=cmd_lr_find)
 
     p = command("summary", help="layer table of a model with parameter and size totals")

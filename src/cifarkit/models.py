@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CifarkitError
+from .presets import FAST
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class FrozenScaleBatchNorm(nn.BatchNorm2d):
     """BatchNorm that learns only its bias. momentum in PyTorch's convention:
     running = (1 - momentum) * running + momentum * batch."""
 
-    def __init__(self, channels: int, momentum: float, eps: float = 1e-12):
+    def __init__(self, channels: int, momentum: float, eps: float):
         super().__init__(channels, eps=eps, momentum=momentum)
         self.weight.requires_grad_(False)
 
@@ -121,13 +122,13 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
 class ConvGroup(nn.Module):
-    def __init__(self, c_in: int, c_out: int, bn_momentum: float, act: str = "gelu"):
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float, bn_eps: float, act: str):
         super().__init__()
         self.conv1 = DiracConv(c_in, c_out)
         self.pool = nn.MaxPool2d(2)
-        self.norm1 = FrozenScaleBatchNorm(c_out, bn_momentum)
+        self.norm1 = FrozenScaleBatchNorm(c_out, bn_momentum, bn_eps)
         self.conv2 = DiracConv(c_out, c_out)
-        self.norm2 = FrozenScaleBatchNorm(c_out, bn_momentum)
+        self.norm2 = FrozenScaleBatchNorm(c_out, bn_momentum, bn_eps)
         self.act = ACTIVATIONS[act]()
 
     def forward(self, x):
@@ -135,12 +136,18 @@ class ConvGroup(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
+FAST_NET = FAST["model_kwargs"]  # the fast recipe states the net's settings, with their units
+
+
 class FastNet(nn.Module):
-    """The recipe's values are stated in presets.FAST; these defaults match them."""
+    """Its settings default to the fast recipe's (presets.FAST): a run of another recipe with
+    --model fast, or weights saved without them, build the recipe's net."""
     cam_layers = ("block1", "block2", "block3")
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256),
-                 bn_momentum: float = 0.4, head_scale: float = 1 / 9, whiten_eps: float = 5e-4, act: str = "gelu"):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = FAST_NET["widths"],
+                 bn_momentum: float = FAST_NET["bn_momentum"], head_scale: float = FAST_NET["head_scale"],
+                 whiten_eps: float = FAST_NET["whiten_eps"], act: str = FAST_NET["act"],
+                 bn_eps: float = FAST_NET["bn_eps"]):
         super().__init__()
         if act not in ACTIVATIONS:
             raise CifarkitError(f"unknown activation '{act}'; choose one of: {', '.join(ACTIVATIONS)}")
@@ -149,9 +156,9 @@ class FastNet(nn.Module):
         self.whiten.weight.requires_grad_(False)
         self.act = ACTIVATIONS[act]()
         w1, w2, w3 = widths
-        self.block1 = ConvGroup(24, w1, bn_momentum, act)  # (B, w1, 15, 15)
-        self.block2 = ConvGroup(w1, w2, bn_momentum, act)  # (B, w2, 7, 7)
-        self.block3 = ConvGroup(w2, w3, bn_momentum, act)  # (B, w3, 3, 3)
+        self.block1 = ConvGroup(24, w1, bn_momentum, bn_eps, act)  # (B, w1, 15, 15)
+        self.block2 = ConvGroup(w1, w2, bn_momentum, bn_eps, act)  # (B, w2, 7, 7)
+        self.block3 = ConvGroup(w2, w3, bn_momentum, bn_eps, act)  # (B, w3, 3, 3)
         self.pool = nn.AdaptiveMaxPool2d(1)  # (B, w3, 3, 3) -> (B, w3, 1, 1); any input size (low-res epochs)
         self.fc = nn.Linear(w3, num_classes, bias=False)
         self.head_scale = head_scale

@@ -23,10 +23,12 @@ from .errors import CifarkitError
 
 
 def setting(default=None, help: str = "", *, factory=None, choices: tuple | None = None,
-            flag: bool = True, machine: bool = False, parse=None, subkey: str | None = None):
+            flag: bool = True, machine: bool = False, parse=None, subkey: str | None = None,
+            keys: dict[str, str] | None = None):
     """A TrainConfig field. flag=False: config files only. machine: `--resume` may change it.
-    parse: str -> value for the CLI. subkey: for a dict field, the flag sets this one key."""
-    meta = dict(help=help, choices=choices, flag=flag, machine=machine, parse=parse, subkey=subkey)
+    parse: str -> value for the CLI. subkey: for a dict field, the flag sets this one key.
+    keys: for a dict field, the help of each key (a subcommand may take one as its own flag)."""
+    meta = dict(help=help, choices=choices, flag=flag, machine=machine, parse=parse, subkey=subkey, keys=keys)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -69,7 +71,14 @@ class TrainConfig:
     holdout_fold: list | None = setting(None, "[k, K]: train without fold k of K of the training split, "
                                               "seeded (what `cifarkit audit` sets for its trainings)", flag=False)
     augment: dict = setting(help="augmentation (see augment.Augment); --augment picks the pipeline",
-                            factory=dict, choices=("batched", "albumentations"), subkey="pipeline")
+                            factory=lambda: dict(
+                                pipeline="batched",   # on the training device (or albumentations: per sample)
+                                flip="random",        # none | random | alternate (each image every other epoch)
+                                pad=0, pad_mode="reflect",  # translation by up to pad px; reflect | mean borders
+                                cutout=0, cutout_holes=1,   # holes of cutout px (or [min, max] px), 1 (or [min, max])
+                                cutout_p=1.0,         # the share of images that get holes
+                                low_res=0, low_res_epochs=0),  # the first low_res_epochs at low_res px (0: off)
+                            choices=("batched", "albumentations"), subkey="pipeline")
     num_workers: int = setting(0, "DataLoader workers (per-sample augmentation only)", machine=True)
     # -- optimization
     epochs: float = setting(10.0, "epochs, may be fractional (the run stops after ceil(epochs x steps))")
@@ -104,7 +113,9 @@ class TrainConfig:
     tta_threshold: float = setting(1.0, "extra test-time views only where the plain top probability is "
                                         "below this (1: every image)")
     lr_find: dict = setting(help="LR range test: min_lr, max_lr, num_training", flag=False,
-                            factory=lambda: {"min_lr": 1e-5, "max_lr": 10.0, "num_training": 200})
+                            factory=lambda: {"min_lr": 1e-5, "max_lr": 10.0, "num_training": 200},
+                            keys=dict(min_lr="the sweep's first learning rate", max_lr="the sweep's last learning rate",
+                                      num_training="steps of the sweep"))
     eval_batch_size: int = setting(1000, "batch size of validation and test")
     drop_last: bool = setting(False, "drop each epoch's last, smaller training batch (fixed shapes: "
                                      "cudnn.benchmark and torch.compile plan once)")
@@ -162,6 +173,13 @@ def settings(cls=TrainConfig) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
+def default(name: str, cls=TrainConfig) -> Any:
+    """A setting's declared default (a new dict or list for those), for a signature that takes it:
+    the value is stated here once, never again at the function."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def check_choices(cfg: TrainConfig) -> None:
     """Every setting that lists its choices holds one of them (one line naming the valid ones)."""
     for f, _ in settings(type(cfg)):
@@ -196,6 +214,7 @@ FAST = dict(
         head_scale=1 / 9,            # the logits are the linear head's output times this
         whiten_eps=5e-4,             # added to the 2x2-patch covariance's eigenvalues (whitening stem)
         act="gelu",                  # activation after the stem and every BatchNorm
+        bn_eps=1e-12,                # added to BatchNorm's variance (activation units squared): airbench94's, ~0
     ),
     val_size=0,                      # all 50,000 training images, as airbench94 (--val-size 5000 for curves)
     augment=dict(flip="alternate",   # each image mirrored every other epoch

@@ -8,7 +8,15 @@
     lr_find.json/.png  when the LR range test ran
     gallery.npz        test images and predictions the app shows (written by the report)
     examples/          one test image per class (written by the report)
-    report/            figures, index.html, summary.md
+    report/            index.html, summary.md, the figures (RunDir.FIGURES, each <name>.png) and
+                       label_issues.csv; `cifarkit report --out` puts the same names elsewhere
+    tensorboard/       TensorBoard's event files, with --logger tensorboard
+    audit/             `cifarkit audit`: label_issues_train.csv/.png (or under --out)
+    gradcam/           `cifarkit gradcam`: an overlay per image (or under --out)
+
+The weights, results.json, the checkpoints, metrics.csv's rewrites, the gallery and the data cache
+are written whole or not at all (`atomic_write`, `atomic_path`): a kill or a full disk mid-write
+leaves the previous file, never half of one.
 
 `results.json` and `config.yaml` keep the data's path, for replay; what is published (a Space, a
 Hub folder) takes `Results.public()`, which names the data and holds no path of this machine.
@@ -20,6 +28,8 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -115,6 +125,14 @@ def data_name(source: str | None) -> str:
 class RunDir:
     """Paths and typed reads/writes of one run directory."""
 
+    # the report's files, by name: in RUN/report, or wherever `cifarkit report --out` puts them
+    REPORT_PAGE, REPORT_SUMMARY, LABEL_ISSUES_CSV = "index.html", "summary.md", "label_issues.csv"
+    FIGURES = ("curves", "lr", "lr_find", "confusion", "misclassified", "gradcam", "gradcam_correct",
+               "calibration", "label_issues", "robustness")
+    APP_FIGURES = ("curves", "confusion")  # what the app shows, and so what a published copy takes
+    # `cifarkit audit`'s files: in RUN/audit, or wherever its --out puts them
+    AUDIT_CSV, AUDIT_FIGURE = "label_issues_train.csv", "label_issues_train.png"
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config_file = self.path / "config.yaml"
@@ -123,11 +141,15 @@ class RunDir:
         self.weights_file = self.path / WEIGHTS_NAME
         self.checkpoints = self.path / "checkpoints"
         self.last_ckpt = self.checkpoints / "last.ckpt"
+        self.best_ckpt = self.checkpoints / "best.ckpt"
         self.lr_find_json = self.path / "lr_find.json"
         self.lr_find_png = self.path / "lr_find.png"
         self.gallery_file = self.path / "gallery.npz"
         self.examples_dir = self.path / "examples"
         self.report_dir = self.path / "report"
+        self.tensorboard_dir = self.path / "tensorboard"
+        self.audit_dir = self.path / "audit"
+        self.gradcam_dir = self.path / "gradcam"
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -141,6 +163,17 @@ class RunDir:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @classmethod
+    def figure_name(cls, figure: str) -> str:
+        """The file name of one of the report's FIGURES."""
+        if figure not in cls.FIGURES:
+            raise ValueError(f"unknown report figure '{figure}'; RunDir.FIGURES names them")
+        return f"{figure}.png"
+
+    def figure(self, figure: str) -> Path:
+        """Where the report in RUN/report keeps one of its FIGURES."""
+        return self.report_dir / self.figure_name(figure)
 
     # -- creating and opening --------------------------------------------------------------------
 
@@ -210,7 +243,7 @@ class RunDir:
                                 "short: run `cifarkit test` on the run to measure it again") from None
 
     def write_results(self, results: Results) -> None:
-        _atomic_write(self.results_file, json.dumps(results.to_dict(), indent=2))
+        atomic_write(self.results_file, json.dumps(results.to_dict(), indent=2))
 
     def read_metrics(self) -> dict:
         """metrics.csv -> {'epochs': [1..], 'epoch': {name: [per-epoch]}, 'lr': (steps, lrs), 'test': {}}."""
@@ -242,18 +275,22 @@ class RunDir:
 
     def published_files(self) -> list[str]:
         """Relative paths a published copy of this run takes (results.json goes as `public()`)."""
-        fixed = [WEIGHTS_NAME, self.gallery_file.name, "report/curves.png", "report/confusion.png"]
-        rels = [r for r in fixed if (self.path / r).is_file()]
-        return rels + [p.relative_to(self.path).as_posix() for p in self.examples()]
+        fixed = [self.weights_file, self.gallery_file, *map(self.figure, self.APP_FIGURES)]
+        files = [f for f in fixed if f.is_file()] + self.examples()
+        return [f.relative_to(self.path).as_posix() for f in files]
 
     def publish(self, dest: Path) -> None:
         """Copy the published files into `dest`, with results.json holding no path of this machine."""
         for rel in self.published_files():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(self.path / rel, dest / rel)
+        self.publish_results(dest)
+
+    def publish_results(self, dest: Path) -> None:
+        """dest/results.json as `public_results()` holds it; nothing for a run without results."""
         public = self.public_results()
         if public is not None:
-            (dest / self.results_file.name).write_text(json.dumps(public, indent=2))
+            atomic_write(Path(dest) / self.results_file.name, json.dumps(public, indent=2))
 
     def public_results(self) -> dict | None:
         """results.json as a published copy holds it: the data by name, no path of this machine."""
@@ -263,10 +300,28 @@ class RunDir:
         return Results.from_dict({**res.to_dict(), "data_name": self.data_name()}).public()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; renamed over `path` when the block ends,
+    removed when it raises. The rename is atomic on one filesystem: a reader (or a kill, or a full
+    disk) sees the old file or the new one, never half of one. The name is hidden and per process
+    (ranks may race) and ends in `.tmp` + suffix (np.savez appends .npz to any other name)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write text or bytes to `path` whole or not at all (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
 
 
 def read_metrics(path: Path) -> dict:

@@ -21,7 +21,7 @@ from .version import __version__
 from .errors import CifarkitError
 from .images import normalize, rgb_batch
 from .models import MODELS, build_model
-from .rundir import WEIGHTS_NAME, RunDir
+from .rundir import WEIGHTS_NAME, RunDir, atomic_path
 
 
 @dataclass
@@ -101,9 +101,8 @@ def save_weights(net: nn.Module, path: Path, model: str, classes: list[str], mea
 
 
 def _save(tensors: dict, meta: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a reader sees the old file or the new one, never half of one
+    with atomic_path(path) as tmp:  # a reader sees the old file or the new one, never half of one
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def update_metadata(path: str | Path, **values) -> None:

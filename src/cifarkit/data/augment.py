@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from ..images import normalize
+from ..presets import default
 
 FLIPS = ("none", "random", "alternate")
 PIPELINES = ("batched", "albumentations")
+SETTINGS = default("augment")  # TrainConfig declares every augmentation setting and its default
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
@@ -31,10 +33,14 @@ def _flip_bits(idx: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 class Augment:
-    def __init__(self, mean, std, flip: str = "random", pad: int = 0, pad_mode: str = "reflect",
-                 cutout: tuple[int, int] | int = 0, cutout_holes: tuple[int, int] | int = 1,
-                 cutout_p: float = 1.0, pipeline: str = "batched", seed: int = 0,
-                 low_res: int = 0, low_res_epochs: int = 0):
+    """The augmentation TrainConfig.augment names; a setting not named takes TrainConfig's default."""
+
+    def __init__(self, mean, std, flip: str = SETTINGS["flip"], pad: int = SETTINGS["pad"],
+                 pad_mode: str = SETTINGS["pad_mode"], cutout: tuple[int, int] | int = SETTINGS["cutout"],
+                 cutout_holes: tuple[int, int] | int = SETTINGS["cutout_holes"],
+                 cutout_p: float = SETTINGS["cutout_p"], pipeline: str = SETTINGS["pipeline"],
+                 seed: int = default("seed"),
+                 low_res: int = SETTINGS["low_res"], low_res_epochs: int = SETTINGS["low_res_epochs"]):
         from ..errors import CifarkitError
         if flip not in FLIPS:
             raise CifarkitError(f"unknown flip '{flip}'; choose one of: {', '.join(FLIPS)}")

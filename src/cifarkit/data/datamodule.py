@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from .augment import Augment
 from ..errors import CifarkitError
+from ..presets import default
 from .sources import Arrays, load_arrays
 
 RECORD_BATCHES = "CIFARKIT_RECORD_BATCHES"  # env: a folder to record each rank's training indices
@@ -144,10 +145,14 @@ class EpochSteps(IterableDataset):
 
 
 class CIFARDataModule(L.LightningDataModule):
-    def __init__(self, data: str | None = None, dataset: str = "cifar10", batch_size: int = 512,
-                 val_size: int = 5000, subset: int | None = None, seed: int = 0,
-                 augment: dict | None = None, eval_batch_size: int = 1000, num_workers: int = 0,
-                 drop_last: bool = False, holdout_fold: list | None = None):
+    """The data settings of a TrainConfig; one not given takes TrainConfig's default (augment: see Augment)."""
+
+    def __init__(self, data: str | None = default("data"), dataset: str = default("dataset"),
+                 batch_size: int = default("batch_size"), val_size: int = default("val_size"),
+                 subset: int | None = default("subset"), seed: int = default("seed"),
+                 augment: dict | None = None, eval_batch_size: int = default("eval_batch_size"),
+                 num_workers: int = default("num_workers"), drop_last: bool = default("drop_last"),
+                 holdout_fold: list | None = default("holdout_fold")):
         super().__init__()
         self.holdout_fold = holdout_fold
         self.data, self.dataset, self.batch_size = data, dataset, batch_size

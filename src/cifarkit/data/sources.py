@@ -34,6 +34,7 @@ import numpy as np
 from ..console import log, progress
 from ..errors import CifarkitError
 from ..images import SIZE, SUFFIXES, UnreadableImage, open_image, rgb_array
+from ..rundir import atomic_path
 
 _bar: ContextVar = ContextVar("decoding_bar", default=None)  # read_source's progress bar
 
@@ -365,14 +366,12 @@ def _checksum(a: Arrays) -> str:
 
 def _save_cache(file: Path, a: Arrays) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.stem}.{os.getpid()}.tmp.npz")  # per process: ranks may race
     try:
-        np.savez(tmp, train_x=a.train_x, train_y=a.train_y, test_x=a.test_x, test_y=a.test_y,
-                 classes=np.array(a.classes), source=np.array(a.source),
-                 version=np.array(CACHE_VERSION), checksum=np.array(_checksum(a)))
-        os.replace(tmp, file)  # atomic: a killed write never leaves a half cache
+        with atomic_path(file, ".npz") as tmp:  # a killed write never leaves a half cache
+            np.savez(tmp, train_x=a.train_x, train_y=a.train_y, test_x=a.test_x, test_y=a.test_y,
+                     classes=np.array(a.classes), source=np.array(a.source),
+                     version=np.array(CACHE_VERSION), checksum=np.array(_checksum(a)))
     except OSError as exc:  # a cache is an optimization: a full disk must not stop training
-        tmp.unlink(missing_ok=True)
         log.warning(f"notice: could not write the data cache {file}: {exc.strerror or exc}")
 
 

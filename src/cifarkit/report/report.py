@@ -38,7 +38,9 @@ class Report:
         self.temperature: float | None = None         # the run's T and where it was fitted, once known
         self.fitted_on = ""
 
-    def add(self, fig, name: str, title: str, caption: str) -> None:
+    def add(self, fig, figure: str, title: str, caption: str) -> None:
+        """Save one of RunDir.FIGURES and list it on the page."""
+        name = RunDir.figure_name(figure)
         fig.savefig(self.out / name, dpi=110, bbox_inches="tight")
         self.figures.append((name, title, caption))
 
@@ -60,10 +62,10 @@ class Report:
 
 def _curves(r: Report) -> None:
     m = r.run.read_metrics()
-    r.add(plots.curves(m), "curves.png", "Loss and accuracy",
+    r.add(plots.curves(m), "curves", "Loss and accuracy",
           "Training and validation loss and accuracy per epoch; the dashed line is the final test result.")
     if m["lr"][0]:
-        r.add(plots.lr_schedule(*m["lr"]), "lr.png", "Learning rate",
+        r.add(plots.lr_schedule(*m["lr"]), "lr", "Learning rate",
               "The one-cycle schedule, one point per optimizer step.")
 
 
@@ -71,7 +73,7 @@ def _lr_find(r: Report) -> None:
     from ..train.lr_finder import load_lr_find, plot_lr_find
     if r.run.lr_find_json.is_file():
         curve = load_lr_find(r.run.lr_find_json)
-        r.add(plot_lr_find(curve), "lr_find.png", "LR range test",
+        r.add(plot_lr_find(curve), "lr_find", "LR range test",
               f"Loss while the learning rate grows exponentially (raw per step, faint; smoothed, solid); "
               f"the suggestion {curve['suggestion']:.3g} was the schedule's peak: {curve['reason']}.")
 
@@ -88,7 +90,7 @@ def _predictions(r: Report, n: int, method: str) -> None:
     per_class = analysis.per_class_accuracy(conf)
     r.tables["Per-class test accuracy (single view)"] = [(c, f"{a:.2%}") for c, a in zip(p.classes, per_class)]
     r.tables["Results"].append(("single-view test accuracy (this report)", f"{p.accuracy:.4f}"))
-    r.add(plots.confusion_matrix(conf, p.classes), "confusion.png", "Confusion matrix",
+    r.add(plots.confusion_matrix(conf, p.classes), "confusion", "Confusion matrix",
           "Rows are true classes, normalized to sum to 1; the bars are per-class accuracy.")
     wrong = analysis.mistakes(p, n)
     if len(wrong) < n:
@@ -98,12 +100,12 @@ def _predictions(r: Report, n: int, method: str) -> None:
               for i, d in zip(wrong, doubtful)]
     if len(wrong):
         r.add(plots.image_grid(explain.upscale(images[wrong]), titles, colors=["C1" if d else "C3" for d in doubtful]),
-              "misclassified.png", "Misclassified test images",
+              "misclassified", "Misclassified test images",
               f"The {len(wrong)} most confident mistakes, titled actual / predicted (confidence); "
               f"{int(doubtful.sum())} of them, titled in orange with 'label?', are likely label errors "
               "(see below): the given label, not the model, is probably wrong. 32x32 images upscaled 4x, bicubic.")
-    for name, idx, what in (("gradcam.png", wrong[:CAM_COLUMNS], "misclassified"),
-                            ("gradcam_correct.png", analysis.correct(p, CAM_COLUMNS), "correctly classified")):
+    for name, idx, what in (("gradcam", wrong[:CAM_COLUMNS], "misclassified"),
+                            ("gradcam_correct", analysis.correct(p, CAM_COLUMNS), "correctly classified")):
         if len(idx) == 0:
             continue
         x = model.normalize(images[idx])
@@ -143,7 +145,7 @@ def _calibration(r: Report) -> None:
     how = ("Temperature scaling divides the logits by T, fitted on held-out images (never the test set); the app, "
            "predict and the exports show the calibrated percentages." if after is not None else
            "No temperature was fitted (see above), so the percentages shown are the raw ones.")
-    r.add(calibration.reliability_figure(before, after, y), "calibration.png", "Calibration",
+    r.add(calibration.reliability_figure(before, after, y), "calibration", "Calibration",
           "Reliability diagrams: test images binned by the model's confidence (15 bins); a bar reaching the "
           f"diagonal means that confidence is honest. Below, the share of images per bin. {how}")
 
@@ -152,14 +154,14 @@ def _label_issues(r: Report) -> None:
     if r.p is None:
         return
     issues, p = r.issues, r.p
-    label_issues.to_csv(issues, p.classes, r.out / "label_issues.csv")
-    r.links.append(("label_issues.csv", f"all {len(issues)} likely label errors of the test set (index, given "
+    label_issues.to_csv(issues, p.classes, r.out / RunDir.LABEL_ISSUES_CSV)
+    r.links.append((RunDir.LABEL_ISSUES_CSV, f"all {len(issues)} likely label errors of the test set (index, given "
                                         "and suggested label, probabilities)"))
     wrong = np.flatnonzero(p.preds != p.labels)
     r.tables["Likely label errors (test set)"] = [
         ("test images flagged", f"{len(issues):,} of {len(p.labels):,}"),
         ("among the model's mistakes", f"{int(np.isin(issues.indices, wrong).sum()):,} of {len(wrong):,}")]
-    r.add(label_issues.label_issues_figure(p.images, issues, p.classes), "label_issues.png", "Likely label errors",
+    r.add(label_issues.label_issues_figure(p.images, issues, p.classes), "label_issues", "Likely label errors",
           "Test images whose given label the model finds least plausible while confidently preferring another class "
           "(confident learning: below its own average confidence in the given class, above it in the suggested one), "
           "most likely first, titled given / suggested (probability). Check them by eye before trusting the accuracy. "
@@ -182,7 +184,7 @@ def _robustness(r: Report, n: int | None) -> None:
     r.grids["Accuracy under corruptions"] = robustness.table_rows(res)
     r.tables["Results"].append(("mean corruption accuracy", f"{res.mean_corruption_accuracy:.4f}"))
     sample = " (a seeded subsample, the same for every point)" if res.n < len(labels) else ""
-    r.add(robustness.robustness_figure(res), "robustness.png", "Robustness",
+    r.add(robustness.robustness_figure(res), "robustness", "Robustness",
           "Test accuracy under six common corruptions at severities 1-5 (CIFAR-10-C's parameters, made on the fly), "
           f"on {res.n:,} test images{sample}; bf16 where the hardware runs it natively, {res.seconds:.0f} s.")
     results = r.run.read_results()
@@ -208,7 +210,7 @@ def _write_pages(r: Report) -> None:
             "padding:3px 10px}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}"
             f"</style></head><body><h1>Run {html.escape(r.run.name)}</h1>{rows}"
             + (f"<h2>Not in this report</h2><ul>{notes}</ul>" if notes else "") + figs + "</body></html>")
-    (r.out / "index.html").write_text(page)
+    (r.out / RunDir.REPORT_PAGE).write_text(page)
     md = [f"# Run {r.run.name}", ""]
     for t, tab in r.tables.items():
         md += [f"## {t}", "", "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in tab], ""]
@@ -218,7 +220,7 @@ def _write_pages(r: Report) -> None:
     md += [f"- [{f}]({f}): {what}" for f, what in r.links]
     md += [f"![{t}]({f})" for f, t, _ in r.figures]
     md += ["", *[f"- not in this report: {n}" for n in r.notes]]
-    (r.out / "summary.md").write_text("\n".join(md) + "\n")
+    (r.out / RunDir.REPORT_SUMMARY).write_text("\n".join(md) + "\n")
 
 
 def _settings(run: RunDir) -> list[tuple[str, str]]:
@@ -288,7 +290,7 @@ def overlays_for_files(run_dir: str | Path, images: list[str], layer: str | None
     model = load(run_dir)
     layer = explain.resolve_layer(model.net, layer)
     explain._cam_class(method)
-    out_dir = Path(out) if out else Path(run_dir) / "gradcam"
+    out_dir = Path(out) if out else RunDir(run_dir).gradcam_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with progress("Grad-CAM", len(images)) as bar:

@@ -301,7 +301,7 @@ def build_app(run_dir: str | Path, cache_seconds: int = CACHE_SECONDS):
     import gradio as gr
     app = RunApp(run_dir)
     choices = ["any", *app.classes]
-    fig = {n: app.run.report_dir / f"{n}.png" for n in ("curves", "confusion")}
+    fig = {n: app.run.figure(n) for n in app.run.APP_FIGURES}
     with gr.Blocks(title="cifarkit") as demo:      # not delete_cache=: see _CacheCleaner
         png = _PngFiles(demo.GRADIO_CACHE)
         # uploads and answers older than cache_seconds go, checked every minute (or 5x per lifetime)

@@ -113,14 +113,14 @@ def _calibration_line(m: Loaded) -> str:
 def export_hub(m: Loaded, out: Path, run: RunDir | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     export_safetensors(m, out / WEIGHTS_NAME)
-    public = (run.public_results() if run else None) or {}
+    public = (run.public_results() if run else None) or {}  # the card's numbers
     config = {"model": m.meta["model"], "model_kwargs": json.loads(m.meta.get("model_kwargs", "{}")),
               "classes": m.classes, "mean": m.mean, "std": m.std, "input_size": 32,
               "cifarkit_version": __version__}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "README.md").write_text(_model_card(m, public))
-    if public:
-        (out / "results.json").write_text(json.dumps(public, indent=2))
+    if run:
+        run.publish_results(out)
     return out
 
 

@@ -23,9 +23,6 @@ from ..trust.label_issues import LabelIssues, find_label_issues, label_issues_fi
 from ..presets import TrainConfig
 from ..rundir import RunDir
 
-CSV_NAME, FIGURE_NAME = "label_issues_train.csv", "label_issues_train.png"
-
-
 @dataclass
 class Audit:
     """Out-of-fold predictions over a run's training images and the likely label errors among them."""
@@ -35,6 +32,7 @@ class Audit:
     issues: LabelIssues      # .indices are positions in the data source's training set
     classes: list[str]
     folds: list[RunDir]
+    csv: Path                # where the likely label errors were written (RunDir.AUDIT_CSV)
 
 
 def check_folds(folds: int) -> None:
@@ -67,7 +65,7 @@ def audit(run_dir: str | Path, folds: int, out: str | Path | None = None) -> Aud
     from ..weights import load
     run = RunDir.open(run_dir, need=("config",))
     cfg, res = run.read_config(), run.read_results()
-    out = Path(out) if out else run.path / "audit"
+    out = Path(out) if out else run.audit_dir
     source, _ = run.data_source()
     base = build_datamodule(dataclasses.replace(cfg, data=source or cfg.data, holdout_fold=None))
     n = len(base.train_idx)
@@ -88,8 +86,8 @@ def audit(run_dir: str | Path, folds: int, out: str | Path | None = None) -> Aud
     found = find_label_issues(probs, labels)
     issues = dataclasses.replace(found, indices=base.train_idx[found.indices])  # positions in the training set
     out.mkdir(parents=True, exist_ok=True)
-    to_csv(issues, base.classes, out / CSV_NAME)
+    to_csv(issues, base.classes, out / RunDir.AUDIT_CSV)
     fig = label_issues_figure(base.arrays.train_x, issues, base.classes)
     fig.suptitle("Likely label errors in the training set (out-of-fold), most likely first")
-    fig.savefig(out / FIGURE_NAME, dpi=110, bbox_inches="tight")
-    return Audit(base.train_idx, labels, probs, issues, list(base.classes), fold_runs)
+    fig.savefig(out / RunDir.AUDIT_FIGURE, dpi=110, bbox_inches="tight")
+    return Audit(base.train_idx, labels, probs, issues, list(base.classes), fold_runs, out / RunDir.AUDIT_CSV)

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ..console import log
 from ..errors import CifarkitError, RunInterrupted
-from ..rundir import RunDir
+from ..rundir import RunDir, atomic_path
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
 
@@ -55,21 +55,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on one filesystem: readers see the old file or the new one
+                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise disk_error(exc, path, self.run_dir or path.parent.parent) from None
 
 
 def remove_partial_checkpoints(ckpt_dir: Path) -> None:
-    """Temporary files a killed save left behind."""
+    """Temporary files a killed save left behind (rundir.atomic_path's names)."""
     for tmp in ckpt_dir.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
 
@@ -273,15 +270,19 @@ class MetricsLogger(Logger):
         todo = self.rows if rewrite else self.rows[self._written:]
         if not todo and not rewrite:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp if rewrite else self.path, "w" if rewrite else "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            if rewrite:
-                writer.writeheader()
-            writer.writerows(todo)
-        if rewrite:
-            os.replace(tmp, self.path)
+        if rewrite:  # new columns: the whole file again, replacing the old one only once written
+            with atomic_path(self.path) as tmp:
+                self._write(tmp, "w", todo)
+        else:
+            self._write(self.path, "a", todo)
         self._written = len(self.rows)
+
+    def _write(self, path: Path, mode: str, rows: list[dict]) -> None:
+        with open(path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows(rows)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

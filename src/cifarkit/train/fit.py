@@ -102,7 +102,8 @@ def _loggers(cfg: TrainConfig, run: RunDir, resumed_step: int | None) -> list:
     loggers = [MetricsLogger(run.metrics_file, keep_before_step=resumed_step)]
     if cfg.logger == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
-        loggers.append(TensorBoardLogger(save_dir=str(run.path), name="tensorboard", version=""))
+        tb = run.tensorboard_dir
+        loggers.append(TensorBoardLogger(save_dir=str(tb.parent), name=tb.name, version=""))
     return loggers
 
 
@@ -260,8 +261,8 @@ def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: 
              resumed_step: int | None, plan: Plan | None = None, start: float = 0.0) -> tuple[L.Trainer, RunGuard]:
     """The run's trainer and guard, and the schedule the module, augmentation and guard read from here on."""
     guard = RunGuard(run, cfg.model, dm.classes, cfg.check_every_steps)
-    callbacks = [guard, ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", save_top_k=1, mode="max",
-                                        monitor="val_acc" if len(dm.val_idx) else None,
+    callbacks = [guard, ModelCheckpoint(dirpath=str(run.best_ckpt.parent), filename=run.best_ckpt.stem,
+                                        save_top_k=1, mode="max", monitor="val_acc" if len(dm.val_idx) else None,
                                         enable_version_counter=False),
                  LastCheckpoint(run.last_ckpt, cfg.ckpt_every_steps)]
     if plan is not None:  # before the guard: a re-plan at an epoch end is what the guard reads then

@@ -29,6 +29,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..errors import CifarkitError
+from ..presets import default
+from ..rundir import RunDir, atomic_write
 
 if TYPE_CHECKING:  # Lightning is imported by find_lr only: reading and drawing a record needs none
     import lightning as L
@@ -39,6 +41,7 @@ SLOPE_DECADES = 0.1      # the slope is measured over +- this much of a decade o
 DIVERGE_OVER_BEST = 4.0  # stop: smoothed loss > 4x its best so far (Lightning's and fastai's 4x) ...
 DIVERGE_OVER_START = 1.5  # ... or > 1.5x where it started (cross-entropy: far worse than chance)
 MIN_DROP_SIGMAS = 4.0    # the fall to the minimum must exceed 4 step-to-step noise levels
+SWEEP = default("lr_find")  # min_lr, max_lr, num_training: TrainConfig declares the sweep's defaults
 
 MUON_REFUSAL = ("the LR range test sweeps one rate, but Muon steps the conv filters at their own "
                 "rate (--muon-lr): pass --muon-lr 0 to sweep and train with plain SGD, or give --lr a number")
@@ -226,12 +229,12 @@ def _sweep_callback(lrs: list[float], beta: float) -> _Sweep:
     return LRSweep(lrs, beta)
 
 
-def check_settings(min_lr: float = 1e-5, max_lr: float = 10.0, num_training: int = 200,
-                   muon_lr: float = 0.0) -> None:
+def check_settings(min_lr: float = SWEEP["min_lr"], max_lr: float = SWEEP["max_lr"],
+                   num_training: int = SWEEP["num_training"], muon_lr: float = default("muon_lr")) -> None:
     """Refuse, before any data is decoded, a sweep too short to read, an empty range, or Muon."""
     if num_training < MIN_STEPS:
         raise CifarkitError(f"a {num_training}-step LR range test is too short to read (at least "
-                            f"{MIN_STEPS} steps; the presets use 200): raise lr_find num_training "
+                            f"{MIN_STEPS} steps; the presets use {SWEEP['num_training']}): raise lr_find num_training "
                             "(cifarkit lr-find --num-training), or give --lr a number")
     if not 0 < min_lr < max_lr:
         raise CifarkitError(f"the LR range test needs 0 < min_lr < max_lr, got {min_lr} and {max_lr}")
@@ -248,8 +251,8 @@ def _restored(module):
 
 
 def find_lr(module: L.LightningModule, datamodule: L.LightningDataModule | None, trainer_kwargs: dict,
-            min_lr: float = 1e-5, max_lr: float = 10.0, num_training: int = 200,
-            beta: float | None = None) -> LRFind:
+            min_lr: float = SWEEP["min_lr"], max_lr: float = SWEEP["max_lr"],
+            num_training: int = SWEEP["num_training"], beta: float | None = None) -> LRFind:
     """Sweep the rate exponentially from min_lr to max_lr over num_training steps on a throwaway
     trainer, one device, and suggest a peak rate (see the module docstring for the rule).
 
@@ -312,9 +315,9 @@ def save_lr_find(run_dir: Path, result: LRFind | dict) -> None:
     """RUN/lr_find.json (the curve, the suggestion and its reason) and RUN/lr_find.png. Only for a
     curve with a suggestion: a resumed run takes its peak rate from that file."""
     curve = result.curve if isinstance(result, LRFind) else result
-    run_dir = Path(run_dir)
-    (run_dir / "lr_find.json").write_text(json.dumps({k: _jsonable(v) for k, v in curve.items()}))
-    plot_lr_find(curve).savefig(run_dir / "lr_find.png", dpi=120, bbox_inches="tight")
+    run = RunDir(run_dir)
+    atomic_write(run.lr_find_json, json.dumps({k: _jsonable(v) for k, v in curve.items()}))
+    plot_lr_find(curve).savefig(run.lr_find_png, dpi=120, bbox_inches="tight")
 
 
 def load_lr_find(path: Path) -> dict:

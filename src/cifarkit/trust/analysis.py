@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..rundir import RunDir
+from ..rundir import RunDir, atomic_path
 from ..weights import Loaded
 
 
@@ -93,11 +93,10 @@ def save_gallery(run_dir: str | Path, p: Predictions, max_mistakes: int = 2000, 
     idx = np.concatenate(list(picks.values()))
     kind = np.concatenate([np.full(len(v), k) for k, v in picks.items()])
     out = run.gallery_file
-    tmp = out.with_suffix(".tmp.npz")
     flags = {} if label_issues is None else {"label_issue": np.isin(idx, label_issues)}
-    np.savez_compressed(tmp, images=p.images[idx], labels=p.labels[idx], probs=p.probs[idx].astype(np.float16),
-                        kind=kind, classes=np.array(p.classes), index=idx, **flags)
-    tmp.replace(out)
+    with atomic_path(out, ".npz") as tmp:
+        np.savez_compressed(tmp, images=p.images[idx], labels=p.labels[idx], probs=p.probs[idx].astype(np.float16),
+                            kind=kind, classes=np.array(p.classes), index=idx, **flags)
     ex_dir = run.examples_dir
     ex_dir.mkdir(exist_ok=True)
     from PIL import Image
