@@ -32,18 +32,50 @@ def files(tmp_path_factory):
     return f
 
 
+def _unknown(app, path) -> bool:
+    """Whether the run's out-of-distribution detector calls this image none of its classes."""
+    from cifarkit.images import rgb_array
+    return bool(app.model.assess(rgb_array(path)[None]).unknown[0])
+
+
+def _shows(app, path, label, k: int) -> bool:
+    """The Label holds exactly k classes, or (for an image the detector flags) the 'none of these' answer."""
+    if _unknown(app, path):
+        top = max(app.model.probabilities([path])[0].tolist())
+        return isinstance(label, str) and label.startswith(f"not one of the {len(app.classes)} classes") and top > 0
+    return len(label) == k and all(0 <= p <= 1 for p in label.values()) and set(label) <= set(app.classes)
+
+
+def _answered(label: dict, k: int) -> bool:
+    """An API answer of the Label: k classes, or the 'none of these' answer."""
+    return len(label.get("confidences") or []) == k or label["label"].startswith("not one of the")
+
+
 def test_classify_returns_exactly_k_classes_an_overlay_and_the_upscaled_input(app, files):
     for k, expect in ((3, 3), (1, 1), (0, 1), (99, 10)):
-        label, overlay, view = app.classify(str(files["rgb.jpg"]), k, 0.5, "block2", "gradcam")
-        assert len(label) == expect
-        assert all(0 <= p <= 1 for p in label.values()) and set(label) <= set(app.classes)
+        label, overlay, view, set_line = app.classify(str(files["rgb.jpg"]), k, 0.5, "block2", "gradcam")
+        assert _shows(app, files["rgb.jpg"], label, expect) and set_line == ""
     assert overlay.shape == view.shape == (256, 256, 3) and overlay.dtype == np.uint8
     assert not np.array_equal(overlay, view)
+    *_, set_line = app.classify(str(files["rgb.jpg"]), 3, 0.5, "block2", "gradcam", "90%")
+    assert set_line.startswith("prediction set at 90%: ")
+    members = set_line.split(": ", 1)[1].split(", ")
+    assert members and set(members) <= set(app.classes)
+
+
+def test_an_image_of_none_of_the_classes_is_answered_so(app, files):
+    """A blank page is none of the classes: the answer says so, naming the class it looks least unlike."""
+    blank = files["rgb.jpg"].parent / "blank.png"
+    Image.new("RGB", (200, 300), "white").save(blank)
+    assert _unknown(app, blank)
+    label = app.predict({"path": str(blank)}, 3)
+    top = app.classes[int(app.model.probabilities([blank])[0].argmax())]
+    assert label == f"not one of the {len(app.classes)} classes (looks least unlike: {top})"
 
 
 @pytest.mark.parametrize("name", GOOD)
 def test_odd_but_valid_images_are_classified(app, files, name):
-    assert len(app.predict({"path": str(files[name])}, 3)) == 3
+    assert _shows(app, files[name], app.predict({"path": str(files[name])}, 3), 3)
 
 
 @pytest.mark.parametrize("name", BAD + ("huge.png",))
@@ -113,16 +145,18 @@ def test_server_binds_loopback_and_shares_nothing(served):
     assert demo.server_name == "127.0.0.1" and demo.share is False and demo.share_url is None
 
 
-def test_every_endpoint_answers_through_the_api(served, files):
+def test_every_endpoint_answers_through_the_api(served, files, app):
     from gradio_client import handle_file
     _, client = served
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/classify", "/predict", "/mistakes", "/gradcam_gallery", "/run_summary"} <= names
-    label, overlay, view = client.predict(handle_file(str(files["rgba.png"])), 2, 0.5, "block3", "gradcam++",
-                                          api_name="/classify")
-    assert len(label["confidences"]) == 2
+    label, overlay, view, set_line = client.predict(handle_file(str(files["rgba.png"])), 2, 0.5, "block3",
+                                                    "gradcam++", "95%", api_name="/classify")
+    assert len(label["confidences"]) == 2 or label["label"].startswith("not one of the")
+    assert set_line.startswith("prediction set at 95%: ")
     assert Image.open(overlay).size == (256, 256) and Image.open(view).size == (256, 256)
-    assert len(client.predict(handle_file(str(files["one.png"])), 5, api_name="/predict")["confidences"]) == 5
+    one = client.predict(handle_file(str(files["one.png"])), 5, api_name="/predict")
+    assert len(one.get("confidences") or []) == 5 if not _unknown(app, files["one.png"]) else one["label"].startswith("not one")
     assert len(client.predict(7, "any", "any", api_name="/mistakes")) == 7
     doubtful = client.predict(3, "any", "any", "likely label errors", api_name="/mistakes")
     assert len(doubtful) == 3 and all(d["caption"].endswith("likely label error") for d in doubtful)
@@ -137,7 +171,7 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(served, files, n
     with pytest.raises(Exception, match="cannot read image|pixel limit") as info:
         client.predict(handle_file(str(files[name])), 3, 0.5, "block3", "gradcam", api_name="/classify")
     assert "Traceback" not in str(info.value)
-    assert len(client.predict(handle_file(str(files["rgb.jpg"])), 3, api_name="/predict")["confidences"]) == 3
+    assert _answered(client.predict(handle_file(str(files["rgb.jpg"])), 3, api_name="/predict"), 3)
 
 
 def test_fifty_concurrent_clients_all_get_answers(served, files):
@@ -151,7 +185,7 @@ def test_fifty_concurrent_clients_all_get_answers(served, files):
 
     with ThreadPoolExecutor(50) as pool:
         answers = list(pool.map(one, range(50)))
-    assert len(answers) == 50 and all(len(a["confidences"]) == 3 for a in answers)
+    assert len(answers) == 50 and all(_answered(a, 3) for a in answers)
 
 
 def test_upload_limit_is_a_flag_of_cifarkit_app_in_gradio_units(monkeypatch, capsys, tmp_path):
@@ -287,7 +321,7 @@ def test_uploads_over_the_limit_are_refused_before_they_are_stored(served, files
     assert not list(Path(tempfile_gradio()).rglob("big-upload.png"))    # nothing kept of it
     status, text = _upload(demo.server_port, "small-upload.png", 2**20)  # under the limit: stored
     assert status == 200 and "small-upload.png" in text
-    assert len(client.predict(handle_file(str(files["rgb.jpg"])), 3, api_name="/predict")["confidences"]) == 3
+    assert _answered(client.predict(handle_file(str(files["rgb.jpg"])), 3, api_name="/predict"), 3)
 
 
 def test_messages_in_the_page_name_only_the_uploaded_files_own_name(served, tmp_path):

@@ -7,6 +7,8 @@ __all__ = ["CifarkitError", "__version__", "load"]
 
 def load(path):
     """A ready model from a run directory, .safetensors file or Hub folder: eval mode, on the CPU,
-    with `.classes`, `.mean`/`.std`, `.preprocess(PIL images)` and `.probabilities(PIL images)`."""
-    from .weights import load as _load
-    return _load(path)
+    with `.classes`, `.mean`/`.std`, `.preprocess(PIL images)`, `.probabilities(PIL images)` and
+    `.assess(PIL images, coverage=0.9)`: probabilities, an out-of-distribution score and verdict
+    ("none of these"), and prediction sets."""
+    from .serve.predict import load_model
+    return load_model(path)

@@ -172,7 +172,7 @@ def cmd_compare(args):
 
 def cmd_calibrate(args):
     from .trust.calibration import calibrate_run, describe
-    print(f"calibration: {describe(calibrate_run(args.run_dir))}")
+    print(f"calibration: {describe(calibrate_run(args.run_dir, ood_method=args.ood_method, keep=args.keep))}")
 
 
 def cmd_gradcam(args):
@@ -216,10 +216,10 @@ def cmd_summary(args):
 
 def cmd_predict(args):
     from .serve.export import load_any
-    from .serve.predict import collect_images, predict_files, write_csv
+    from .serve.predict import answer, collect_images, predict_files, write_csv
     model = load_any(args.model)
     paths, failed = collect_images(args.images)
-    results, errors = predict_files(model, paths, args.top_k, args.batch_size)
+    results, errors = predict_files(model, paths, args.top_k, args.batch_size, args.coverage)
     failed += errors
     if args.csv:
         write_csv(results, args.csv)
@@ -227,7 +227,7 @@ def cmd_predict(args):
         print(json.dumps({"predictions": results, "errors": failed}, indent=2))
     else:
         for r in results[:50] if args.csv else results:
-            print(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.1%}" for t in r["top"]))
+            print(f"{r['image']}: {answer(r, len(model.classes))}")
         if args.csv:
             print(f"{len(results)} predictions written to {args.csv}")
         for msg in failed:
@@ -267,6 +267,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .presets import OOD_DEFAULT as DEFAULT, OOD_KEEP as KEEP, OOD_METHODS as METHODS
     from .version import __version__
     parser = Parser(prog="cifarkit", description="Train, explain and demo CIFAR-10 classifiers.")
     parser.add_argument("--version", action="version", version=f"cifarkit {__version__}")
@@ -308,9 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="images per 'one right, the other wrong' grid")
     p.set_defaults(func=cmd_compare)
 
-    p = command("calibrate", help="fit the temperature that makes a run's percentages honest, on its "
-                             "held-out images (never the test set), and store it in its weights")
+    p = command("calibrate", help="fit on a run's held-out images (never the test set) what makes its answers "
+                             "trustworthy, and store it in its weights: the temperature that makes its percentages "
+                             "honest, the out-of-distribution score that says 'none of these', prediction sets")
     p.add_argument("run_dir")
+    p.add_argument("--ood-method", choices=METHODS,
+                   help=f"out-of-distribution score (default: the run's, else {DEFAULT})")
+    p.add_argument("--keep", type=float, help=f"share of held-out images of the training distribution the "
+                                              f"'none of these' threshold keeps (default {KEEP})")
     p.set_defaults(func=cmd_calibrate)
 
     p = command("gradcam", help="Grad-CAM overlays for your own images")
@@ -346,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--csv", help="write all predictions to this CSV file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--coverage", type=float, help="also give each image's prediction set: the classes that hold "
+                                                  "the true one this often (e.g. 0.9)")
     p.set_defaults(func=cmd_predict)
 
     p = command("export", help="safetensors, ONNX or a Hub-ready folder")

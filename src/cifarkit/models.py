@@ -1,7 +1,9 @@
 """Pure PyTorch architectures (no Lightning here) and the registry that names them.
 
 Every model takes a normalized (B, 3, 32, 32) float batch and returns (B, num_classes) logits, and
-lists in `cam_layers` the attribute names of the layers Grad-CAM should offer.
+lists in `cam_layers` the attribute names of the layers Grad-CAM should offer. Its forward is
+`head(features(x))`: `features` gives the penultimate layer (B, D) that out-of-distribution scores
+read, `head` the logits.
 """
 from __future__ import annotations
 
@@ -52,10 +54,16 @@ class ResNet18GN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)  # (B, 512, 8, 8) -> (B, 512, 1, 1); any input size
         self.fc = nn.Linear(512, num_classes)
 
-    def forward(self, x):  # (B, 3, 32, 32)
+    def features(self, x):  # (B, 3, 32, 32) -> (B, 512)
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 512, 8, 8)
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return torch.flatten(self.pool(x), 1)
+
+    def head(self, f):
+        return self.fc(f)
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,9 +99,15 @@ class CustomResNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1)  # (B, 512, 4, 4) -> (B, 512, 1, 1); any input size
         self.fc = nn.Linear(512, num_classes)
 
-    def forward(self, x):
+    def features(self, x):  # (B, 3, 32, 32) -> (B, 512)
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return torch.flatten(self.pool(x), 1)
+
+    def head(self, f):
+        return self.fc(f)
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,12 +189,18 @@ class FastNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]).flip(0))
         self.whiten.bias.zero_()
 
-    def forward(self, x):
+    def features(self, x):  # (B, 3, 32, 32) -> (B, w3)
         # a frozen stem bias is detached: backward then stops at block1 and skips its input gradient
         bias = self.whiten.bias if self.stem_bias_trains else self.whiten.bias.detach()
         x = self.act(F.conv2d(x, self.whiten.weight, bias))             # (B, 24, 31, 31)
         x = self.block3(self.block2(self.block1(x)))
-        return self.fc(torch.flatten(self.pool(x), 1)) * self.head_scale
+        return torch.flatten(self.pool(x), 1)
+
+    def head(self, f):
+        return self.fc(f) * self.head_scale
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
 # ----------------------------------------------------------------------------------------------

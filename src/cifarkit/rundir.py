@@ -79,6 +79,10 @@ class Results:
     ece_after: float | None = None
     nll_before: float | None = None
     nll_after: float | None = None
+    # fitted beside T on the same held-out images: the out-of-distribution score (method, threshold,
+    # share kept) and the prediction sets' test coverage and mean size at 80/90/95%
+    ood: dict | None = None
+    coverage: dict | None = None
     # robustness (written by the report): mean accuracy over 6 corruptions x 5 severities, and the
     # test images each setting was measured on
     mean_corruption_accuracy: float | None = None

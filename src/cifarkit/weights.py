@@ -8,7 +8,7 @@ one path: logits() -> to_probabilities(logits, T) = softmax(logits / T).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,9 @@ from .models import MODELS, build_model
 from .rundir import WEIGHTS_NAME, RunDir, atomic_path
 
 
+STATS_PREFIX = "stats."  # tensors stored beside the net's: statistics fitted on held-out images
+
+
 @dataclass
 class Loaded:
     net: nn.Module
@@ -31,6 +34,7 @@ class Loaded:
     mean: list[float]
     std: list[float]
     meta: dict
+    stats: dict = field(default_factory=dict)  # name (without STATS_PREFIX) -> tensor
 
     @property
     def temperature(self) -> float:
@@ -49,6 +53,10 @@ class Loaded:
         """Raw logits (B, K), before the temperature, of files, PIL images or uint8 images."""
         return logits(self.net, rgb_batch(images), self.mean, self.std, batch_size, autocast)
 
+    def features_and_logits(self, images, batch_size: int = 1000, autocast: bool = False):
+        """(penultimate features (B, D), raw logits (B, K)) of files, PIL images or uint8 images."""
+        return features_and_logits(self.net, rgb_batch(images), self.mean, self.std, batch_size, autocast)
+
     def to_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities (B, K) of raw logits from `logits()`."""
         return to_probabilities(logits, self.temperature)
@@ -63,11 +71,11 @@ def _device(net: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def logits(net: nn.Module, images: np.ndarray, mean, std, batch_size: int = 1000,
-           autocast: bool = False) -> torch.Tensor:
-    """THE path from uint8 images (N, 32, 32, 3) to logits (N, K) on the CPU, in eval mode, batched
-    on the net's device. autocast: bf16 where the device runs it natively (about 2x on a CPU with
-    AVX-512 bf16); for accuracy over many images, not for the probabilities shown to a user."""
+def _batched(fn, net: nn.Module, images: np.ndarray, mean, std, batch_size: int, autocast: bool) -> list:
+    """fn(net, normalized batch) over uint8 images (N, 32, 32, 3) in batches on the net's device, in
+    eval mode: one tuple of CPU float tensors per batch. autocast: bf16 where the device runs it
+    natively (about 2x on a CPU with AVX-512 bf16); for accuracy over many images, not for the
+    probabilities shown to a user."""
     net, dev = net.eval(), _device(net)
     x = torch.as_tensor(images)
     use_bf16 = autocast and (dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 8)
@@ -75,8 +83,27 @@ def logits(net: nn.Module, images: np.ndarray, mean, std, batch_size: int = 1000
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i:i + batch_size].to(dev), mean, std)                   # (B, 3, 32, 32)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out.append(net(xb).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+            out.append(tuple(t.float().cpu() for t in fn(net, xb)))
+    return out
+
+
+def logits(net: nn.Module, images: np.ndarray, mean, std, batch_size: int = 1000,
+           autocast: bool = False) -> torch.Tensor:
+    """THE path from uint8 images (N, 32, 32, 3) to logits (N, K) on the CPU (see _batched)."""
+    out = _batched(lambda n, xb: (n(xb),), net, images, mean, std, batch_size, autocast)
+    return torch.cat([o[0] for o in out]) if out else torch.zeros(0, 0)
+
+
+def features_and_logits(net: nn.Module, images: np.ndarray, mean, std, batch_size: int = 1000,
+                        autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same path to (penultimate features (N, D), logits (N, K)): net.head(net.features(x))."""
+    def both(n, xb):
+        f = n.features(xb)
+        return f, n.head(f)
+    out = _batched(both, net, images, mean, std, batch_size, autocast)
+    if not out:
+        return torch.zeros(0, 0), torch.zeros(0, 0)
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
 def to_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -91,12 +118,13 @@ def probabilities(net: nn.Module, images: np.ndarray, mean, std, batch_size: int
 
 
 def save_weights(net: nn.Module, path: Path, model: str, classes: list[str], mean, std,
-                 model_kwargs: dict | None = None, extra: dict | None = None) -> None:
+                 model_kwargs: dict | None = None, extra: dict | None = None, stats: dict | None = None) -> None:
     meta = {"model": model, "classes": json.dumps(list(classes)), "mean": json.dumps(list(mean)),
             "std": json.dumps(list(std)), "input_size": "32", "model_kwargs": json.dumps(model_kwargs or {}),
             "cifarkit_version": __version__}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update({STATS_PREFIX + k: v.detach().cpu().contiguous() for k, v in (stats or {}).items()})
     _save(tensors, meta, Path(path))
 
 
@@ -105,10 +133,12 @@ def _save(tensors: dict, meta: dict, path: Path) -> None:
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def update_metadata(path: str | Path, **values) -> None:
-    """Rewrite a weights file with the same tensors and these metadata values added or replaced."""
+def update_metadata(path: str | Path, stats: dict | None = None, **values) -> None:
+    """Rewrite a weights file with the same tensors and these metadata values added or replaced, and
+    `stats` (name -> tensor) stored beside the net's tensors (replacing those of the same name)."""
     p = weights_path(path)
     meta, tensors = _read(p)
+    tensors.update({STATS_PREFIX + k: v.detach().cpu().contiguous() for k, v in (stats or {}).items()})
     _save(tensors, {**meta, **{k: str(v) for k, v in values.items()}}, p)
 
 
@@ -165,10 +195,11 @@ def load(path: str | Path, expect: tuple[str, int] | None = None) -> Loaded:
         raise CifarkitError(f"weights {p} are for {_describe(said)}, not {_describe(tuple(expect))}; "
                             "give the weights of a run of that model")
     net = build_model(meta["model"], len(classes), **json.loads(meta.get("model_kwargs", "{}")))
+    stats = {k[len(STATS_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(STATS_PREFIX)}
     try:
         net.load_state_dict(tensors)
     except RuntimeError:
         raise CifarkitError(f"weights {p} hold {_describe(identify(tensors))}, but their metadata says "
                             f"{_describe(said)}; the file was altered: use the run's own weights") from None
     net = net.eval().to(memory_format=torch.channels_last)  # ~1.4x faster on CPU
-    return Loaded(net, classes, json.loads(meta["mean"]), json.loads(meta["std"]), meta)
+    return Loaded(net, classes, json.loads(meta["mean"]), json.loads(meta["std"]), meta, stats)

@@ -37,13 +37,14 @@ from ..trust import analysis, explain
 from ..errors import CifarkitError
 from ..images import rgb_array
 from ..rundir import Results, RunDir
-from ..weights import Loaded, load
+from .predict import NOT_FITTED, Model, answer, load_model
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 VIEW_SIZE = 256   # the 32x32 input and its overlay are shown 8x larger (bicubic)
 KINDS = ("mistakes", "correct", "random")
 SHOW = ("all mistakes", "likely label errors")  # the Mistakes tab's filter (label issues: the report's)
+COVERAGE_CHOICES = ("off", "80%", "90%", "95%")  # the Classify tab's prediction sets
 MAX_FILE_SIZE = "20mb"   # uploads over this are refused (`cifarkit app --max-file-size`)
 CACHE_SECONDS = 600      # uploads and answers are deleted from Gradio's cache after 10 minutes
 _UNITS = {"b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30}   # as Gradio counts them
@@ -69,7 +70,7 @@ class RunApp:
 
     def __init__(self, run_dir: str | Path):
         self.run = RunDir.open(run_dir, need=("weights", "gallery"))
-        self.model: Loaded = load(self.run.path)
+        self.model: Model = load_model(self.run.path)
         self.model.net.eval()
         self.classes = self.model.classes
         self.layers = explain.cam_layers(self.model.net)
@@ -99,20 +100,35 @@ class RunApp:
         top = probs.topk(k)
         return {self.classes[i]: float(p) for p, i in zip(top.values, top.indices)}
 
-    def predict(self, image, k=3) -> dict[str, float]:
+    def _answer(self, arr: np.ndarray, k, coverage) -> tuple[dict[str, float] | str, str]:
+        """(the Label's value: the top-k classes, or "not one of the K classes (looks least unlike:
+        X)"; a line with the prediction set at `coverage` (e.g. "90%"; "" or "off": none))."""
+        coverage = None if coverage in (None, "", "off") else float(str(coverage).rstrip("%")) / 100
+        a = self.model.assess(arr, coverage)
+        top = self._top_k(a.probabilities[0], k)
+        unknown = a.unknown is not None and bool(a.unknown[0])
+        label = answer({"top": [{"class": c, "prob": p} for c, p in top.items()], "unknown": unknown},
+                       len(self.classes)) if unknown else top
+        if a.sets is None:
+            return label, "" if coverage is None else NOT_FITTED.split(": ")[0]
+        members = [c for c, inside in zip(self.classes, a.sets[0].tolist()) if inside]
+        return label, f"prediction set at {coverage:.0%}: {', '.join(members)}"
+
+    def predict(self, image, k=3, coverage="off") -> dict[str, float] | str:
         arr = self._image(image)
         with self.lock:
-            probs = self.model.probabilities(arr)[0]
-        return self._top_k(probs, k)
+            return self._answer(arr, k, coverage)[0]
 
-    def classify(self, image, k=3, alpha=0.5, layer=None, method="gradcam"):
-        """Top-k classes, the Grad-CAM overlay of the top class, and the 32x32 input upscaled."""
+    def classify(self, image, k=3, alpha=0.5, layer=None, method="gradcam", coverage="off"):
+        """The answer (top-k classes, or "none of these"), the Grad-CAM overlay of the top class, the
+        32x32 input upscaled, and the prediction set's line."""
         arr = self._image(image)
         layer = explain.resolve_layer(self.model.net, layer or None)
         with self.lock:
-            probs, cam = explain.explain_top_class(self.model, arr, layer, method or "gradcam")
-        return (self._top_k(probs[0], k), explain.overlay(arr, cam, float(alpha), VIEW_SIZE)[0],
-                explain.upscale(arr, VIEW_SIZE)[0])
+            label, set_line = self._answer(arr, k, coverage)
+            _, cam = explain.explain_top_class(self.model, arr, layer, method or "gradcam")
+        return (label, explain.overlay(arr, cam, float(alpha), VIEW_SIZE)[0],
+                explain.upscale(arr, VIEW_SIZE)[0], set_line)
 
     # -- Mistakes and the Grad-CAM gallery -------------------------------------------------------
 
@@ -163,9 +179,11 @@ class RunApp:
         acc = f"{r.test_acc:.2%}" if r.test_acc is not None else "not recorded"
         def known(v):
             return "?" if v is None else v
+        epochs = "?" if r.epochs is None else f"{r.epochs:.2f}".rstrip("0").rstrip(".")
+        fitted = "" if self.model.detector is not None else f"  \n{NOT_FITTED.split(': ')[0]}"
         return (f"**Test accuracy: {acc}** on {known(r.test_images)} test images ({self.data_name})  \n"
                 f"model `{r.model or self.model.meta.get('model')}`, preset `{known(r.preset)}`, "
-                f"{known(r.epochs)} epochs, {known(r.seconds)} s, seed {known(r.seed)}")
+                f"{epochs} epochs, {known(r.seconds)} s, seed {known(r.seed)}{fitted}")
 
 
 def _ui(fn):
@@ -308,8 +326,8 @@ def build_app(run_dir: str | Path, cache_seconds: int = CACHE_SECONDS):
         demo.cifarkit_cleaner = _CacheCleaner(demo, max(1, min(60, cache_seconds // 5)), cache_seconds, png.folder)
 
         def classify(*args):
-            label, overlay, view = app.classify(*args)
-            return label, png(overlay, "gradcam"), png(view, "input")
+            label, overlay, view, set_line = app.classify(*args)
+            return label, png(overlay, "gradcam"), png(view, "input"), set_line
 
         def mistakes(*args):
             return [(png(im, "mistake"), caption) for im, caption in app.mistakes(*args)]
@@ -327,16 +345,19 @@ def build_app(run_dir: str | Path, cache_seconds: int = CACHE_SECONDS):
                     alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Heatmap transparency")
                     layer = gr.Dropdown(app.layers, value=app.layers[-1], label="Grad-CAM layer")
                     method = gr.Dropdown(list(explain.METHODS), value="gradcam", label="CAM method")
+                    coverage = gr.Radio(list(COVERAGE_CHOICES), value="off", label="Prediction set (coverage)",
+                                        elem_id="coverage")
                     go = gr.Button("Classify", variant="primary", elem_id="classify")
                     if app.examples:
                         gr.Examples(app.examples, inputs=image, label="Test images")
                 with gr.Column():
                     label = gr.Label(label="Prediction", elem_id="prediction")
+                    set_line = gr.Markdown(elem_id="prediction-set")
                     cam = gr.Image(label="Grad-CAM", format="png", elem_id="overlay")
                     view = gr.Image(label="What the model sees (32x32, shown 8x)", format="png")
-            go.click(_ui(classify), [image, k, alpha, layer, method], [label, cam, view],
+            go.click(_ui(classify), [image, k, alpha, layer, method, coverage], [label, cam, view, set_line],
                      api_name="classify", preprocess=False)
-            image.upload(_ui(app.predict), [image, k], label, api_name="predict", preprocess=False)
+            image.upload(_ui(app.predict), [image, k, coverage], label, api_name="predict", preprocess=False)
         with gr.Tab("Mistakes"):
             with gr.Row():
                 n = gr.Slider(1, 100, value=20, step=1, label="How many")

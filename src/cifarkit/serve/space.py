@@ -14,8 +14,9 @@ from ..rundir import RunDir
 from ..weights import load
 
 # the modules the app imports, and theirs
-APP_MODULES = ("__init__", "version", "errors", "images", "models", "presets", "rundir", "weights",
-               "trust/__init__", "trust/analysis", "trust/explain", "serve/__init__", "serve/app")
+APP_MODULES = ("__init__", "version", "errors", "console", "images", "models", "presets", "rundir", "weights",
+               "trust/__init__", "trust/analysis", "trust/explain", "trust/ood", "trust/conformal",
+               "serve/__init__", "serve/predict", "serve/app")
 PACKAGE = Path(__file__).resolve().parents[1]  # src/cifarkit: the Space keeps its layout
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "safetensors", "matplotlib", "grad-cam", "pyyaml",
                 "gradio")

@@ -19,6 +19,7 @@ BINS = 15                   # equal-width confidence bins, as in Guo et al.
 MIN_FIT_SAMPLES = 100       # fewer held-out samples fit noise, not a temperature
 T_RANGE = (0.05, 20.0)      # search interval for T; real nets land in 0.5-5
 TRAIN_SLICE = 5000          # training images a run without a validation split is calibrated on
+COVERAGES = (0.8, 0.9, 0.95)  # the prediction sets' coverages measured on the test set
 
 
 def _np(x) -> np.ndarray:
@@ -133,6 +134,8 @@ class CalibrationReport:
     temperature: float
     n: int              # samples the metrics were measured on
     fitted_on: str      # e.g. "validation split (5,000 images)"; never the test set
+    ood: dict | None = None       # the out-of-distribution score fitted beside T: method, threshold, kept
+    coverage: dict | None = None  # nominal coverage -> [test coverage, mean set size] of the prediction sets
 
 
 def calibrate(fit_logits, fit_labels, logits, labels, fitted_on: str, bins: int = BINS) -> CalibrationReport:
@@ -158,41 +161,72 @@ def held_out(run, arrays) -> tuple[np.ndarray, str]:
                  "--val-size 0; it trained on most or all of them, so T may under-correct)")
 
 
-def calibrate_run(run_dir, fit_logits=None, test_logits=None) -> CalibrationReport:
-    """Fit T on a run's held-out images (never the test set), write it into the weights' metadata,
-    and ECE/NLL on the test set before and after into results.json. Idempotent: fits on raw logits.
+def calibrate_run(run_dir, fit_logits=None, test_logits=None, ood_method: str | None = None,
+                  keep: float | None = None) -> CalibrationReport:
+    """Fit on a run's held-out images (never the test set) what makes its outputs trustworthy, and
+    store it with the weights: the temperature T (in the metadata), the out-of-distribution score's
+    statistics and threshold (trust/ood.py), and the conformity scores of its prediction sets
+    (trust/conformal.py). ECE/NLL before and after T, and the sets' test coverage, go into
+    results.json. Idempotent: fits on raw logits.
 
     fit_logits, test_logits: the run's plain logits of its held-out and test images, when training
-    has just computed them (then no forward pass is made again); else computed here, in bf16 where
-    the hardware runs it (the temperature and ECE do not need fp32's last digits)."""
+    has just computed them (then no forward pass is made again for T); else computed here, in bf16
+    where the hardware runs it (the temperature and ECE do not need fp32's last digits)."""
     import torch
 
     from ..rundir import Results, RunDir
     from ..data.sources import load_arrays
     from ..weights import load, update_metadata
+    from . import conformal, ood
     run = RunDir.open(run_dir, need=("config", "weights"))
     arrays = load_arrays(*run.data_source())
     fit_idx, fitted_on = held_out(run, arrays)
     _enough(len(fit_idx))  # before any forward pass
     model = load(run.path, expect=(run.read_config().model, len(arrays.classes)))
+    method = ood_method or model.meta.get("ood_method", ood.DEFAULT)
+    keep = keep or float(model.meta.get("ood_keep", ood.KEEP))
     model.net.to("cuda" if torch.cuda.is_available() else "cpu")
+    features, held_logits = model.features_and_logits(arrays.train_x[fit_idx])  # fp32, as predictions are
     if fit_logits is None or len(fit_logits) != len(fit_idx):
-        fit_logits = model.logits(arrays.train_x[fit_idx], autocast=True)
+        fit_logits = held_logits
     if test_logits is None or len(test_logits) != len(arrays.test_y):
         test_logits = model.logits(arrays.test_x, autocast=True)
-    report = calibrate(fit_logits, arrays.train_y[fit_idx], test_logits, arrays.test_y, fitted_on)
-    update_metadata(run.weights_file, temperature=repr(report.temperature), calibration_fitted_on=fitted_on)
+    fit_labels = torch.as_tensor(arrays.train_y[fit_idx]).long()
+    report = calibrate(fit_logits, fit_labels.numpy(), test_logits, arrays.test_y, fitted_on)
+    detector = ood.fit(method, held_logits, features, fit_labels, keep)
+    scores = conformal.fit(to_probs(fit_logits, report.temperature), fit_labels)
+    report.ood = {"method": method, "threshold": detector.threshold, "keep": keep}
+    test_probs, test_labels = to_probs(test_logits, report.temperature), torch.as_tensor(arrays.test_y).long()
+    report.coverage = {c: [round(v, 4) for v in conformal.coverage_and_size(
+        conformal.prediction_sets(test_probs, scores, c), test_labels)] for c in COVERAGES}
+    stats, ood_meta = detector.to_weights()
+    update_metadata(run.weights_file, stats={**stats, conformal.SCORES: scores},
+                    temperature=repr(report.temperature), calibration_fitted_on=fitted_on, **ood_meta)
     res = run.read_results() or Results()
     res.temperature, res.calibration_fitted_on = report.temperature, fitted_on
     res.ece_before, res.ece_after, res.nll_before, res.nll_after = (
         report.ece_before, report.ece_after, report.nll_before, report.nll_after)
+    res.ood, res.coverage = report.ood, {str(k): v for k, v in report.coverage.items()}
     run.write_results(res)
     return report
 
 
+def to_probs(logits, temperature: float):
+    """Calibrated probabilities as a torch tensor (N, K)."""
+    import torch
+    return torch.softmax(torch.as_tensor(_np(logits), dtype=torch.float64) / temperature, dim=1).float()
+
+
 def describe(report: CalibrationReport) -> str:
-    return (f"temperature {report.temperature:.3f} fitted on the {report.fitted_on}; test ECE "
+    text = (f"temperature {report.temperature:.3f} fitted on the {report.fitted_on}; test ECE "
             f"{report.ece_before:.2%} -> {report.ece_after:.2%}, NLL {report.nll_before:.3f} -> {report.nll_after:.3f}")
+    if report.ood:
+        text += (f"; out-of-distribution score {report.ood['method']}, its threshold keeping "
+                 f"{report.ood['keep']:.0%} of the held-out images")
+    if report.coverage:
+        cov, size = report.coverage[0.9]
+        text += f"; 90% prediction sets cover {cov:.1%} of the test set, {size:.2f} classes on average"
+    return text
 
 
 def calibrate_after_training(run_dir, fit_logits=None, test_logits=None) -> CalibrationReport | None:
