@@ -142,8 +142,11 @@ class TrainConfig:
 
     # -- reading and writing
 
+    def to_yaml_text(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
     def to_yaml(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+        Path(path).write_text(self.to_yaml_text())
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -231,7 +231,7 @@ class RunDir:
         return TrainConfig.from_yaml(self.config_file)
 
     def write_config(self, cfg: TrainConfig) -> None:
-        cfg.to_yaml(self.config_file)
+        atomic_write(self.config_file, cfg.to_yaml_text())
 
     def read_results(self) -> Results | None:
         if not self.results_file.is_file():
