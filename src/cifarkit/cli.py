@@ -126,6 +126,17 @@ def _report(run_dir: Path, args) -> Path | None:
         return None
 
 
+def _track_report(run, report_dir: Path) -> None:
+    """The report's figures to the run's MLflow or W&B run (--logger mlflow/wandb); a tracker that
+    fails here costs a notice, never the trained run."""
+    from .train.trackers import log_report
+    try:
+        for name in log_report(run, report_dir):
+            log.info(f"report figures logged to {name}")
+    except Exception as exc:  # the tracker's own errors: a store or service we do not own
+        log.warning(f"report figures not logged to the tracker: {str(exc).splitlines()[0] if str(exc) else exc}")
+
+
 def cmd_train(args):
     from .rundir import RunDir
     from .train.fit import fit, is_follower
@@ -140,6 +151,8 @@ def cmd_train(args):
         return  # rank 0 reports
     results = run.read_results()
     report = _report(run.path, args)
+    if report:
+        _track_report(run, report.parent)
     lines = [f"test accuracy: {results.test_acc:.4f} ({results.seconds:.0f} s)", f"run directory: {run.path}"]
     if report:
         lines.append(f"report: {report}")
