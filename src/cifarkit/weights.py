@@ -158,8 +158,8 @@ def _from_hub(repo: str, revision: str | None, files: tuple[str, ...] | None) ->
             path = Path(hf_hub_download(repo, name, revision=revision))
         return path.parents[len(Path(name).parts) - 1]  # the snapshot folder that holds them all
     except hub.LocalEntryNotFoundError:  # before EntryNotFoundError, its parent
-        raise CifarkitError(f"{repo} is not in the Hub cache and the Hub cannot be reached (offline, or "
-                            "HF_HUB_OFFLINE is set): download it once while online") from None
+        raise CifarkitError(f"{repo} is no local path, and not in the Hub cache while the Hub cannot be reached "
+                            "(offline, or HF_HUB_OFFLINE is set): download it once while online") from None
     except hub.EntryNotFoundError:
         raise CifarkitError(f"{repo} is not a cifarkit model: it has no {name}") from None
     except hub.RevisionNotFoundError:

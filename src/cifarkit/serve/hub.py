@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,24 +119,20 @@ def upload(staged: Staged, private: bool = False, api=None) -> list[str]:
     return staged.reached
 
 
-class _hub_errors:
+@contextmanager
+def _hub_errors(staged: Staged, doing: str):
     """A failed Hub call as one line: a token to renew, or what broke and what reached the Hub."""
-
-    def __init__(self, staged: Staged, doing: str):
-        self.staged, self.doing = staged, doing
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is None or isinstance(exc, (CifarkitError, KeyboardInterrupt)):
-            return False
+    try:
+        yield
+    except CifarkitError:
+        raise
+    except Exception as exc:  # huggingface_hub's HTTP errors, the network's, the disk's
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401:
-            raise CifarkitError(f"the Hub rejected the token (401) while {self.doing}: {LOGIN}") from None
-        reached = "; ".join(self.staged.reached) or "nothing"
+            raise CifarkitError(f"the Hub rejected the token (401) while {doing}: {LOGIN}") from None
+        reached = "; ".join(staged.reached) or "nothing"
         why = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CifarkitError(f"push failed while {self.doing}: {why}; reached the Hub: {reached}; the run "
+        raise CifarkitError(f"push failed while {doing}: {why}; reached the Hub: {reached}; the run "
                             "directory is unchanged: push again to finish") from None
 
 
