@@ -137,8 +137,9 @@ class TrainConfig:
     ckpt_every_steps: int = setting(0, "also checkpoint every N optimizer steps (0: every epoch only)")
     precision: str = setting("auto", "auto | 32-true | bf16-mixed | 16-mixed (auto: what the hardware "
                                      "runs fast)")
-    logger: str = setting("csv", "csv | tensorboard (metrics.csv is always written)",
-                          choices=("csv", "tensorboard"))
+    logger: str = setting("csv", "csv | tensorboard | mlflow | wandb (metrics.csv is always written; mlflow: "
+                                 "MLFLOW_TRACKING_URI or ./mlruns; wandb: offline without WANDB_API_KEY)",
+                          choices=("csv", "tensorboard", "mlflow", "wandb"))
 
     # -- reading and writing
 
