@@ -28,15 +28,30 @@ def real_data() -> Path:
     return path
 
 
-# Tests that use these fixtures train a model or start a server or a browser: they are slow
-# (`make test-fast` leaves them out; `make test` and CI run them).
-SLOW_FIXTURES = {"tiny_run", "reported_run", "toy_run", "served", "page", "reference"}
+# Tests that use these fixtures read the real copy (cifar_path: decoding its 60,000 JPEGs takes
+# minutes, and the copy may be absent), train a model, or start a server or a browser: they are slow
+# (`make test-fast` leaves them out; `make test` and CI run them, and a missing copy fails them).
+SLOW_FIXTURES = {"cifar_path", "tiny_run", "reported_run", "toy_run", "served", "page", "reference"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_fit_outside_slow_tests(request, monkeypatch):
+    """A Lightning fit in a test not marked slow fails that test: `make test-fast` trains nothing."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    from lightning.pytorch import Trainer
+
+    def refuse(self, *args, **kwargs):
+        pytest.fail(f"{request.node.nodeid} runs a Lightning fit: mark it @pytest.mark.slow")
+    monkeypatch.setattr(Trainer, "fit", refuse)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -78,6 +93,20 @@ def image_folder_tgz(tmp_path) -> Path:
     with tarfile.open(out, "w:gz") as tar:
         tar.add(root, arcname="toy")
     return out
+
+
+@pytest.fixture(scope="session")
+def truncated_archive(tmp_path_factory) -> Path:
+    """The first half of an ImageFolder .tar.gz of 480 noisy PNGs (about 1 MB): a download cut short."""
+    root = make_image_folder(tmp_path_factory.mktemp("whole") / "toy", n_train=100, n_test=20)
+    whole = root.parent / "toy.tar.gz"
+    with tarfile.open(whole, "w:gz") as tar:
+        tar.add(root, arcname="toy")
+    raw = whole.read_bytes()
+    assert len(raw) > 500_000
+    cut = tmp_path_factory.mktemp("cut") / "cut.tar.gz"
+    cut.write_bytes(raw[: len(raw) // 2])
+    return cut
 
 
 @pytest.fixture(scope="session")

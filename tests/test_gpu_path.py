@@ -79,6 +79,7 @@ class Leaky(LitClassifier):
         return loss
 
 
+@pytest.mark.slow  # two Lightning fits
 @pytest.mark.parametrize("leaky", [False, True])
 def test_a_training_step_never_waits_on_the_device(image_folder, tmp_path, leaky):
     cfg = preset_config("fast", data=str(image_folder), batch_size=8, val_size=0, epochs=2, tta=0,
