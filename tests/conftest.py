@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -28,15 +30,30 @@ def real_data() -> Path:
     return path
 
 
-# Tests that use these fixtures train a model or start a server or a browser: they are slow
-# (`make test-fast` leaves them out; `make test` and CI run them).
-SLOW_FIXTURES = {"tiny_run", "reported_run", "toy_run", "served", "page", "reference"}
+# Tests that use these fixtures read the real copy (cifar_path: decoding its 60,000 JPEGs takes
+# minutes, and the copy may be absent), train a model, or start a server or a browser: they are slow
+# (`make test-fast` leaves them out; `make test` and CI run them, and a missing copy fails them).
+SLOW_FIXTURES = {"cifar_path", "tiny_training", "tiny_run", "tiny_report", "reported_run", "toy_run", "served", "page", "reference"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_fit_outside_slow_tests(request, monkeypatch):
+    """A Lightning fit in a test not marked slow fails that test: `make test-fast` trains nothing."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    from lightning.pytorch import Trainer
+
+    def refuse(self, *args, **kwargs):
+        pytest.fail(f"{request.node.nodeid} runs a Lightning fit: mark it @pytest.mark.slow")
+    monkeypatch.setattr(Trainer, "fit", refuse)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -81,21 +98,61 @@ def image_folder_tgz(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, cifar_path) -> Path:
-    """A run directory trained for a few steps on 1,000 real images (weights, config, metrics)."""
-    from cifarkit.presets import preset_config
-    from cifarkit.train.fit import fit
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = preset_config("fast", data=str(cifar_path), subset=1000, val_size=500, epochs=1,
-                        batch_size=250, tta=0, out=str(out), eval_batch_size=2000)
-    return fit(cfg)
+def truncated_archive(tmp_path_factory) -> Path:
+    """The first half of an ImageFolder .tar.gz of 480 noisy PNGs (about 1 MB): a download cut short."""
+    root = make_image_folder(tmp_path_factory.mktemp("whole") / "toy", n_train=100, n_test=20)
+    whole = root.parent / "toy.tar.gz"
+    with tarfile.open(whole, "w:gz") as tar:
+        tar.add(root, arcname="toy")
+    raw = whole.read_bytes()
+    assert len(raw) > 500_000
+    cut = tmp_path_factory.mktemp("cut") / "cut.tar.gz"
+    cut.write_bytes(raw[: len(raw) // 2])
+    return cut
+
+
+def cifarkit(*args, cwd=None) -> tuple[int, str, str]:
+    """`python -m cifarkit ARGS` in its own process, with Python's warnings on as a user's shell may
+    have them: (exit code, stdout, stderr)."""
+    env = dict(os.environ, PYTHONWARNINGS="default")
+    r = subprocess.run([sys.executable, "-m", "cifarkit", *args], capture_output=True, text=True, env=env,
+                       cwd=cwd, timeout=900)
+    return r.returncode, r.stdout, r.stderr
 
 
 @pytest.fixture(scope="session")
-def reported_run(tiny_run) -> Path:
+def tiny_training(tmp_path_factory, cifar_path) -> tuple[Path, str, str]:
+    """`cifarkit train` (the quick preset: the fast net at full size) for a few steps on 1,000 real images,
+    in its own process, as a person runs it:
+    (run directory, stdout, stderr). One training for the commands that need weights (tiny_run) and
+    for the tests of what the console shows (test_console)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    code, stdout, stderr = cifarkit("train", "--preset", "quick", "--data", str(cifar_path), "--subset", "1000",
+                                    "--val-size", "500", "--epochs", "1", "--batch-size", "250", "--tta", "0",
+                                    "--eval-batch-size", "2000", "--no-report", "--out", str(out))
+    assert code == 0, stderr[-3000:]
+    return out, stdout, stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_training):
+    """A run directory trained for a few steps on 1,000 real images (weights, config, metrics)."""
+    from cifarkit.rundir import RunDir
+    return RunDir.open(tiny_training[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_report(tiny_run) -> tuple[Path, str, str]:
+    """`cifarkit report` of tiny_run in its own process, with the defaults: (run directory, stdout,
+    stderr). One report for the app's tests and for the test of what the console shows."""
+    code, stdout, stderr = cifarkit("report", str(tiny_run.path))
+    assert code == 0, stderr[-3000:]
+    return tiny_run.path, stdout, stderr
+
+
+@pytest.fixture(scope="session")
+def reported_run(tiny_run, tiny_report) -> Path:
     """tiny_run with its report, gallery.npz and examples/ written (what the app needs)."""
-    from cifarkit.report.report import write_report
-    write_report(tiny_run)
     return tiny_run
 
 

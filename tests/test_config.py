@@ -75,15 +75,28 @@ def test_flags_override_the_preset_and_bad_values_are_one_line(capsys):
     assert "argument --lr: must be a number or 'auto', got 'fast'" in capsys.readouterr().err
 
 
-def test_each_preset_is_a_valid_config_and_states_the_fast_nets_settings():
+def test_each_preset_is_a_valid_config_and_model_kwargs_reach_the_built_net(image_folder, tmp_path):
+    """Every preset resolves; model_kwargs other than the net's defaults build that net, and its weights
+    file rebuilds the same net."""
+    from cifarkit.data.datamodule import CIFARDataModule
+    from cifarkit.train.fit import build_module
+    from cifarkit.weights import load, save_weights
     for name in PRESETS:
         preset_config(name)
-    fast = preset_config("fast")
-    net = build_model("fast", 10, **fast.model_kwargs)
-    assert [net.block1.conv1.out_channels, net.block2.conv1.out_channels,
-            net.block3.conv1.out_channels] == fast.model_kwargs["widths"]
-    assert net.block1.norm1.momentum == fast.model_kwargs["bn_momentum"]
-    assert net.head_scale == fast.model_kwargs["head_scale"]
+    kwargs = dict(widths=[8, 16, 24], bn_momentum=0.1, head_scale=0.5, whiten_eps=0.01, act="relu")
+    cfg = preset_config("fast", data=str(image_folder), model_kwargs=kwargs)
+    dm = CIFARDataModule(str(image_folder), batch_size=8, val_size=0).prepare()
+    net = build_module(cfg, dm).net
+    save_weights(net, tmp_path / "w.safetensors", cfg.model, dm.classes, [0.5] * 3, [0.25] * 3, cfg.model_kwargs)
+    for net in (net, load(tmp_path / "w.safetensors").net):  # as trained, and as the app and report rebuild it
+        assert [net.block1.conv1.out_channels, net.block2.conv1.out_channels,
+                net.block3.conv1.out_channels, net.fc.in_features] == [8, 16, 24, 24]
+        assert net.block1.norm1.momentum == net.block3.norm2.momentum == 0.1
+        assert net.head_scale == 0.5 and net.whiten_eps == 0.01
+        assert isinstance(net.act, torch.nn.ReLU) and isinstance(net.block2.act, torch.nn.ReLU)
+        assert net.fc.out_features == 4                              # the toy folder's 4 classes
+    default = build_model("fast", 10)                               # what ignoring model_kwargs would build
+    assert default.block1.conv1.out_channels != 8 and not isinstance(default.act, torch.nn.ReLU)
 
 
 def test_the_data_module_the_augmentation_and_the_lr_sweep_default_to_trainconfigs_declaration():

@@ -2,21 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
+from conftest import cifarkit
+
 NOISE = ("Tip", "deprecated", "Warning", "will be deleted", "Traceback", "GPU available", "💡")
-
-
-def cifarkit(*args, cwd=None) -> tuple[int, str, str]:
-    env = dict(os.environ, PYTHONWARNINGS="default")  # what a user's shell may have: warnings on
-    r = subprocess.run([sys.executable, "-m", "cifarkit", *args], capture_output=True, text=True, env=env,
-                       cwd=cwd, timeout=900)
-    return r.returncode, r.stdout, r.stderr
 
 
 def assert_quiet(out: str) -> None:
@@ -24,32 +16,25 @@ def assert_quiet(out: str) -> None:
         assert word not in out, f"{word!r} reached the console:\n{out[-3000:]}"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cifar_path):
-    run = tmp_path_factory.mktemp("console") / "run"
-    code, out, err = cifarkit("train", "--preset", "quick", "--data", str(cifar_path), "--subset", "500",
-                              "--val-size", "100", "--epochs", "1", "--tta", "0", "--no-report", "--out", str(run))
-    assert code == 0, err[-3000:]
-    return run, out, err
-
-
 @pytest.mark.slow
-def test_train_says_what_it_will_do_and_what_it_did_and_nothing_else(trained):
-    run, out, err = trained
+def test_train_says_what_it_will_do_and_what_it_did_and_nothing_else(tiny_training):
+    """The session's tiny training, run as a person runs it (conftest.tiny_training)."""
+    run, out, err = tiny_training
     assert_quiet(out + err)
     start = [line for line in err.splitlines() if not line.startswith("decoded ")]  # a first decode says so
     assert start[0] == f"training {run} (preset quick, seed 0)"
-    for label in ("data      CIFAR-10, JPEG-q75 copy: 500 training images, 100 held out", "model     fast: ",
-                  "machine   cpu x1", "schedule  1 epoch of 2 steps of 256 images"):
+    for label in ("data      CIFAR-10, JPEG-q75 copy: 1,000 training images, 500 held out", "model     fast: ",
+                  "machine   cpu x1", "schedule  1 epoch of 4 steps of 250 images"):
         assert any(label in line for line in start), label
     assert out.splitlines()[0].startswith("test accuracy: ") and f"run directory: {run}" in out
     assert "report:" not in out and f"cifarkit app {run}" in out          # --no-report: no report line
 
 
 @pytest.mark.slow
-def test_quiet_prints_only_the_end_block(tmp_path, cifar_path):
+def test_quiet_prints_only_the_end_block(tmp_path, image_folder):
+    """--quiet on a first run over a new source (its decode included): the end block, nothing else."""
     run = tmp_path / "run"
-    code, out, err = cifarkit("train", "--preset", "quick", "--data", str(cifar_path), "--subset", "500",
+    code, out, err = cifarkit("train", "--preset", "quick", "--data", str(image_folder), "--batch-size", "16",
                               "--val-size", "0", "--epochs", "1", "--tta", "0", "--no-report", "--quiet",
                               "--out", str(run))
     assert code == 0 and err == "", err[-3000:]
@@ -57,10 +42,10 @@ def test_quiet_prints_only_the_end_block(tmp_path, cifar_path):
 
 
 @pytest.mark.slow
-def test_report_predict_with_a_huge_image_and_export_are_quiet(trained, tmp_path):
-    run, _, _ = trained
-    code, out, err = cifarkit("report", str(run), "--n", "5", "--corruption-images", "50")
-    assert code == 0 and out.strip() == f"report: {run / 'report' / 'index.html'}", err[-3000:]
+def test_report_predict_with_a_huge_image_and_export_are_quiet(tiny_report, tmp_path):
+    """The session's report of the tiny run (conftest.tiny_report), then predict and export on it."""
+    run, out, err = tiny_report
+    assert out.strip() == f"report: {run / 'report' / 'index.html'}", err[-3000:]
     assert_quiet(out + err)
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -2,6 +2,7 @@
 step, the dataset on the training device, resuming onto a machine with other GPUs, GPU settings."""
 from __future__ import annotations
 
+import dataclasses
 import traceback
 
 import lightning as L
@@ -11,7 +12,7 @@ import torch
 from cifarkit.train.checkpoints import RunGuard
 from cifarkit.data.datamodule import CIFARDataModule
 from cifarkit.train.module import LitClassifier
-from cifarkit.presets import ON_CUDA, preset_config
+from cifarkit.presets import preset_config
 from cifarkit.rundir import RunDir
 from cifarkit.train.fit import build_module, choose_precision
 
@@ -78,6 +79,7 @@ class Leaky(LitClassifier):
         return loss
 
 
+@pytest.mark.slow  # two Lightning fits
 @pytest.mark.parametrize("leaky", [False, True])
 def test_a_training_step_never_waits_on_the_device(image_folder, tmp_path, leaky):
     cfg = preset_config("fast", data=str(image_folder), batch_size=8, val_size=0, epochs=2, tta=0,
@@ -119,15 +121,47 @@ def test_resuming_onto_a_machine_with_fewer_gpus_restores_what_fits(monkeypatch,
     assert restored == [0] and "this machine has 0" in notices()
 
 
-def test_the_gpu_settings_of_each_preset_are_stated_once_and_keep_the_rate_per_example():
-    for name in ("fast", "quick", "seed"):
-        cpu, gpu = preset_config(name), preset_config(name, device="cuda")
-        assert gpu.drop_last and gpu.check_every_steps > 1 and not cpu.drop_last and cpu.check_every_steps == 1
-        for key, value in ON_CUDA[name].items():
-            assert getattr(gpu, key) == value, (name, key)
-        if name != "seed":
-            assert gpu.lr / gpu.batch_size == pytest.approx(cpu.lr / cpu.batch_size)
-            assert gpu.tta_threshold == 1.0 and gpu.compile  # a fixed eval shape for torch.compile
+# What the GPU may change in a preset: throughput and machine settings, never the recipe.
+MACHINE = {"batch_size", "lr", "muon_lr", "eval_batch_size", "tta_threshold", "drop_last", "compile",
+           "check_every_steps"}
+
+
+def test_the_gpu_settings_of_each_preset_are_stated_once_and_keep_the_rate_per_example(monkeypatch):
+    """On a CUDA machine the command line resolves each preset to fixed-shape batches read every 50
+    steps, with the same learning rate per example and the same recipe; the module compiles its net
+    and the Trainer gets the card's precision and cudnn.benchmark."""
+    from cifarkit.cli import build_parser, config_from_args
+    from cifarkit.models import build_model
+    from cifarkit.train.fit import trainer_kwargs
+
+    def resolved(name):
+        return config_from_args(build_parser().parse_args(["train", "--preset", name]))
+
+    cpus = {name: resolved(name) for name in ("fast", "quick", "seed")}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    for name, cpu in cpus.items():
+        gpu = resolved(name)
+        changed = {f.name for f in dataclasses.fields(cpu) if getattr(gpu, f.name) != getattr(cpu, f.name)}
+        assert changed <= MACHINE, (name, changed - MACHINE)  # epochs, augment, model, schedule: as on the CPU
+        assert gpu.drop_last and not cpu.drop_last             # one batch shape for the whole run
+        assert (gpu.check_every_steps, cpu.check_every_steps) == (50, 1)
+        assert gpu.eval_batch_size >= cpu.eval_batch_size
+        if name == "seed":                                      # lr 'auto' and batch 512: as on the CPU
+            assert changed == {"drop_last", "check_every_steps"}
+            continue
+        assert gpu.batch_size == 4 * cpu.batch_size == 1024
+        assert gpu.lr / gpu.batch_size == pytest.approx(cpu.lr / cpu.batch_size)
+        assert gpu.muon_lr > cpu.muon_lr > 0
+        assert gpu.tta_threshold == 1.0 and cpu.tta_threshold < 1.0  # every image sees every view: one shape
+        assert gpu.compile and not cpu.compile
+        assert gpu.epochs == cpu.epochs and gpu.augment == cpu.augment and gpu.model_kwargs == cpu.model_kwargs
+        net = build_model(gpu.model, 10, **gpu.model_kwargs)
+        assert isinstance(LitClassifier(net, 10, gpu)._net, torch._dynamo.eval_frame.OptimizedModule)
+        assert LitClassifier(net, 10, cpu)._net is net
+        kw = trainer_kwargs(gpu)
+        assert kw["precision"] == "bf16-mixed" and kw["benchmark"] is True
+    assert cpus["quick"].epochs == 2.0 and resolved("quick").epochs == 2.0  # quick keeps its own length
 
 
 def test_the_command_line_takes_the_gpu_settings_only_where_cuda_trains(monkeypatch):

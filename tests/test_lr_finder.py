@@ -144,6 +144,7 @@ def test_suggestion_is_before_the_minimum_even_when_a_plateau_after_divergence_d
 # Sweeps
 
 
+@pytest.mark.slow  # the sweep runs a Lightning fit
 @pytest.mark.parametrize("min_lr,num_training", [(1e-4, 100), (1e-3, 20)])
 def test_suggestion_on_a_quadratic_bowl_is_within_3x_of_its_best_rate(tmp_path, min_lr, num_training):
     r = sweep(tmp_path, min_lr=min_lr, max_lr=10.0, num_training=num_training)
@@ -153,6 +154,7 @@ def test_suggestion_on_a_quadratic_bowl_is_within_3x_of_its_best_rate(tmp_path, 
     assert c["smooth_loss"][0] == c["raw_loss"][0]
 
 
+@pytest.mark.slow  # the sweep runs a Lightning fit
 def test_diverging_sweep_stops_early_records_the_rate_and_suggests_before_the_minimum(tmp_path):
     r = sweep(tmp_path, min_lr=1e-4, max_lr=100.0, num_training=100)
     c = r.curve
@@ -166,6 +168,7 @@ def test_diverging_sweep_stops_early_records_the_rate_and_suggests_before_the_mi
     assert f"{c['diverged_at']:.3g}" in r.summary()
 
 
+@pytest.mark.slow  # the sweep runs a Lightning fit
 def test_sweep_restores_weights_buffers_keeps_the_groups_ratio_and_the_built_momentum(tmp_path):
     module = Classifier()
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -189,6 +192,7 @@ def test_short_sweep_is_refused_in_one_line_before_training(tmp_path):
     assert module._trainer is None  # refused before any trainer touched it
 
 
+@pytest.mark.slow  # the sweep runs a Lightning fit
 def test_flat_noisy_sweep_is_refused_in_one_line(tmp_path):
     with pytest.raises(LRFindRefused, match="too short or too noisy") as e:
         sweep(tmp_path, Flat(), min_lr=1e-4, max_lr=10.0, num_training=100)
@@ -197,6 +201,7 @@ def test_flat_noisy_sweep_is_refused_in_one_line(tmp_path):
     assert "no suggestion" in plot_lr_find(e.value.curve).axes[0].get_title()
 
 
+@pytest.mark.slow  # the sweep runs a Lightning fit
 def test_sweep_starting_past_divergence_is_refused(tmp_path):
     with pytest.raises(CifarkitError, match="did not fall before it rose"):
         sweep(tmp_path, min_lr=3.0, max_lr=100.0, num_training=40)
@@ -235,6 +240,7 @@ def assert_same_figure(a: Figure, b: Figure) -> None:
         np.testing.assert_array_equal(ya, yb)  # NaN equals NaN here
 
 
+@pytest.mark.slow  # the sweep runs a Lightning fit
 def test_saved_json_round_trips_into_the_same_figure(tmp_path):
     r = sweep(tmp_path, min_lr=1e-4, max_lr=100.0, num_training=100)
     save_lr_find(tmp_path, r)

@@ -18,7 +18,7 @@ def test_space_folder_is_complete(reported_run, tmp_path):
     out = export_space(reported_run, tmp_path / "space")
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"app.py", "requirements.txt", "README.md", "run/model.safetensors", "run/gallery.npz",
-            "cifarkit/app.py", "cifarkit/weights.py"} <= names
+            "cifarkit/serve/app.py", "cifarkit/weights.py"} <= names
     assert sum(n.startswith("run/examples/") for n in names) == 10
     readme = (out / "README.md").read_text()
     header = readme.split("---")[1]

@@ -68,7 +68,10 @@ def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_with():
     for t0 in (0.5, 2.0):
         labels = _sample(_softmax(z / t0), rng)
         assert cal.fit_temperature(z, labels) == pytest.approx(t0, rel=0.05)
-    assert cal.fit_temperature(z, labels) == cal.fit_temperature(z, labels)  # deterministic
+    # the fitted temperature is the one of least NLL: no temperature on a fine grid does better
+    t, grid = cal.fit_temperature(z, labels), np.geomspace(0.25, 8, 301)       # steps of 1.2%
+    best = grid[np.argmin([cal.nll(z / g, labels) for g in grid])]
+    assert t == pytest.approx(best, rel=0.015) and cal.nll(z / t, labels) <= cal.nll(z / best, labels) + 1e-6
 
 
 def test_temperature_fitted_on_one_half_lowers_nll_on_the_other_and_keeps_every_prediction():
@@ -238,7 +241,6 @@ def test_evaluate_measures_every_setting_on_one_seeded_subsample():
                      0, 255).astype(np.uint8)
     r = rob.evaluate(_brightness_classifier, images, labels, seed=0, n=200, batch_size=64)
     assert r.accuracy.shape == (6, 5) and r.n == 200 and r.clean_accuracy == 1.0
-    assert r.mean_corruption_accuracy == pytest.approx(r.accuracy.mean())
     assert r.at("brightness", 5) < r.at("brightness", 1) <= 1.0  # brighter images cross the class borders
     assert r.at("gaussian_blur", 3) == 1.0  # blur keeps the mean
     again = rob.evaluate(lambda im: _brightness_classifier(im).argmax(1), images, labels, seed=0, n=200)
@@ -246,6 +248,30 @@ def test_evaluate_measures_every_setting_on_one_seeded_subsample():
     rows = rob.table_rows(r)
     assert rows[0] == ["corruption", *[f"severity {s}" for s in range(1, 6)], "mean"]
     assert [row[0] for row in rows[1:-1]] == list(rob.CORRUPTIONS) and len(rows[-1]) == 7
+
+
+# Flat grey images by level (a hand-computable case): blur, pixelation, contrast (toward the image's
+# own grey), JPEG and zero-mean noise keep each mean within a few levels, so _brightness_classifier
+# stays right; the brightness gains 1.1, 1.2, 1.3, 1.4, 1.6 push the levels marked * across 85 or 170.
+GREYS = {  # level: wrong from severity (0: never)
+    30: 0, 40: 0, 45: 0, 58: 5, 62: 4, 68: 3, 72: 2, 79: 1,       # class 0 (< 85); 79 x 1.1 = 86.9*
+    95: 0, 100: 0, 102: 0, 118: 5, 125: 4, 135: 3, 150: 2,        # class 1; 150 x 1.2 = 180*
+    180: 0, 200: 0, 210: 0, 240: 0, 250: 0,                       # class 2 (>= 170): brighter stays 2
+}
+
+
+def test_evaluate_matches_a_hand_computed_table_and_degrades_with_severity():
+    levels = np.array(list(GREYS), dtype=np.uint8)
+    images = np.broadcast_to(levels[:, None, None, None], (20, 32, 32, 3)).copy()
+    labels = np.digitize(levels, [85, 170])
+    r = rob.evaluate(_brightness_classifier, images, labels, batch_size=7)
+    # brightness, severity s: wrong on the levels marked 1..s above: 1, 3, 5, 7, 9 of 20
+    assert r.accuracy[rob.CORRUPTIONS.index("brightness")].tolist() == pytest.approx([0.95, 0.85, 0.75, 0.65, 0.55])
+    others = [i for i, name in enumerate(rob.CORRUPTIONS) if name != "brightness"]
+    assert np.all(r.accuracy[others] == 1.0), r.accuracy
+    assert r.mean_corruption_accuracy == pytest.approx((25 * 1.0 + 5 * 0.75) / 30)  # 0.9583
+    assert r.clean_accuracy == 1.0 and r.n == 20 and r.at("brightness", 4) == pytest.approx(0.65)
+    assert rob.table_rows(r)[-1][-1] == "95.8%"
 
 
 # -- figures ----------------------------------------------------------------------------------------

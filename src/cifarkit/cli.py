@@ -126,6 +126,17 @@ def _report(run_dir: Path, args) -> Path | None:
         return None
 
 
+def _track_report(run, report_dir: Path) -> None:
+    """The report's figures to the run's MLflow or W&B run (--logger mlflow/wandb); a tracker that
+    fails here costs a notice, never the trained run."""
+    from .train.trackers import log_report
+    try:
+        for name in log_report(run, report_dir):
+            log.info(f"report figures logged to {name}")
+    except Exception as exc:  # the tracker's own errors: a store or service we do not own
+        log.warning(f"report figures not logged to the tracker: {str(exc).splitlines()[0] if str(exc) else exc}")
+
+
 def cmd_train(args):
     from .rundir import RunDir
     from .train.fit import fit, is_follower
@@ -140,6 +151,8 @@ def cmd_train(args):
         return  # rank 0 reports
     results = run.read_results()
     report = _report(run.path, args)
+    if report:
+        _track_report(run, report.parent)
     lines = [f"test accuracy: {results.test_acc:.4f} ({results.seconds:.0f} s)", f"run directory: {run.path}"]
     if report:
         lines.append(f"report: {report}")
@@ -258,6 +271,18 @@ def cmd_export_space(args):
     print(f"Space written to {out}; try it with: cd {out} && pip install -r requirements.txt && python app.py")
 
 
+def cmd_push(args):
+    from .console import progress
+    from .serve.hub import describe, push
+    with progress("staging the push" if args.dry_run else "pushing to the Hugging Face Hub", None):
+        staged = push(args.run_dir, args.repo, args.space, args.private, args.dry_run, args.bundle, args.license)
+    if args.dry_run:
+        print(describe(staged))
+        return
+    print("\n".join(["pushed:", *(f"  {r}" for r in staged.reached),
+                     f"load it with: cifarkit predict {args.repo} photo.jpg    (or cifarkit.load(\"{args.repo}\"))"]))
+
+
 class Parser(argparse.ArgumentParser):
     """A wrong flag or value is one line, like every other error a user can cause."""
 
@@ -346,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     p = command("predict", help="top classes of image files and folders, in batches")
-    p.add_argument("model", help="run directory, .safetensors, Hub folder or .onnx")
+    p.add_argument("model", help="run directory, .safetensors, Hub folder, .onnx, or a Hub model repository "
+                                 "USER/NAME[@REVISION] (downloaded once into the Hub cache)")
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
@@ -363,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = command("app", help="serve the Gradio app for a trained run")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run directory, or a model repository USER/NAME[@REVISION] that "
+                                   "`cifarkit push` wrote (downloaded once into the Hub cache)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-file-size",
@@ -374,6 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export_space)
+
+    p = command("push", help="upload a run to a model repository on the Hugging Face Hub (and a Space "
+                             "with --space); the token is huggingface_hub's: HF_TOKEN or `hf auth login`")
+    p.add_argument("run_dir")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="the model repository (created if needed)")
+    p.add_argument("--space", metavar="USER/NAME", help="also push the app as a Gradio Space of this name")
+    p.add_argument("--private", action="store_true", help="create the repositories private")
+    p.add_argument("--bundle", action="store_true",
+                   help="the Space carries the run's files instead of downloading them from the model repository")
+    p.add_argument("--license", default="mit", help="the license in the model card (a Hub license id; default mit)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="stage the folders in a temporary directory, list them and the card's metadata, upload nothing")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

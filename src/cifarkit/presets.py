@@ -137,13 +137,17 @@ class TrainConfig:
     ckpt_every_steps: int = setting(0, "also checkpoint every N optimizer steps (0: every epoch only)")
     precision: str = setting("auto", "auto | 32-true | bf16-mixed | 16-mixed (auto: what the hardware "
                                      "runs fast)")
-    logger: str = setting("csv", "csv | tensorboard (metrics.csv is always written)",
-                          choices=("csv", "tensorboard"))
+    logger: str = setting("csv", "csv | tensorboard | mlflow | wandb (metrics.csv is always written; mlflow: "
+                                 "MLFLOW_TRACKING_URI or ./mlruns; wandb: offline without WANDB_API_KEY)",
+                          choices=("csv", "tensorboard", "mlflow", "wandb"))
 
     # -- reading and writing
 
+    def to_yaml_text(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
     def to_yaml(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+        Path(path).write_text(self.to_yaml_text())
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

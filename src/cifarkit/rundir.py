@@ -11,6 +11,8 @@
     report/            index.html, summary.md, the figures (RunDir.FIGURES, each <name>.png) and
                        label_issues.csv; `cifarkit report --out` puts the same names elsewhere
     tensorboard/       TensorBoard's event files, with --logger tensorboard
+    wandb/             W&B's offline run folders, with --logger wandb (unless WANDB_DIR says elsewhere)
+    trackers.json      where the MLflow or W&B run of --logger mlflow/wandb is (ids, store; never a token)
     audit/             `cifarkit audit`: label_issues_train.csv/.png (or under --out)
     gradcam/           `cifarkit gradcam`: an overlay per image (or under --out)
 
@@ -152,6 +154,7 @@ class RunDir:
         self.examples_dir = self.path / "examples"
         self.report_dir = self.path / "report"
         self.tensorboard_dir = self.path / "tensorboard"
+        self.trackers_file = self.path / "trackers.json"
         self.audit_dir = self.path / "audit"
         self.gradcam_dir = self.path / "gradcam"
 
@@ -235,7 +238,7 @@ class RunDir:
         return TrainConfig.from_yaml(self.config_file)
 
     def write_config(self, cfg: TrainConfig) -> None:
-        cfg.to_yaml(self.config_file)
+        atomic_write(self.config_file, cfg.to_yaml_text())
 
     def read_results(self) -> Results | None:
         if not self.results_file.is_file():

@@ -2,12 +2,15 @@
 and the temperature that calibrates its probabilities (`cifarkit calibrate`; 1.0 when never fitted).
 
 Reading never unpickles; everything downstream of training (test, predict, report, app, export)
-starts from `load(path)` on a run directory or a .safetensors file. Images become probabilities on
-one path: logits() -> to_probabilities(logits, T) = softmax(logits / T).
+starts from `load(path)` on a run directory, a .safetensors file, a Hub folder, or a model repository
+on the Hugging Face Hub ("user/name", "user/name@revision"), which `locate` downloads once into the
+Hub's own cache and reads from there afterwards (offline too, with HF_HUB_OFFLINE=1). Images become
+probabilities on one path: logits() -> to_probabilities(logits, T) = softmax(logits / T).
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +157,50 @@ def weights_path(path: str | Path) -> Path:
     return p
 
 
+# "user/name" or "user/name@revision": a model repository on the Hub (a local path wins when it exists)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
+
+
+def locate(source: str | Path, revision: str | None = None, files: tuple[str, ...] | None = (WEIGHTS_NAME,)) -> Path:
+    """A local path as it is; a Hub repository id as its folder in the Hub cache, holding `files`
+    (None: the whole repository). Downloads go through huggingface_hub, so a second call, or any call
+    with HF_HUB_OFFLINE=1, reads the cache and makes no request."""
+    p = Path(source)
+    text = str(source)
+    if p.exists() or not HUB_ID.match(text):
+        return p
+    repo, _, pinned = text.partition("@")
+    return _from_hub(repo, revision or pinned or None, files)
+
+
+def _from_hub(repo: str, revision: str | None, files: tuple[str, ...] | None) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub import errors as hub
+    except ImportError:
+        raise CifarkitError(f"{repo} is not a local path; loading it from the Hugging Face Hub needs "
+                            "huggingface_hub: pip install huggingface_hub") from None
+    name = None
+    try:
+        if files is None:
+            return Path(snapshot_download(repo, revision=revision))
+        for name in files:
+            path = Path(hf_hub_download(repo, name, revision=revision))
+        return path.parents[len(Path(name).parts) - 1]  # the snapshot folder that holds them all
+    except hub.LocalEntryNotFoundError:  # before EntryNotFoundError, its parent
+        raise CifarkitError(f"{repo} is no local path, and not in the Hub cache while the Hub cannot be reached "
+                            "(offline, or HF_HUB_OFFLINE is set): download it once while online") from None
+    except hub.EntryNotFoundError:
+        raise CifarkitError(f"{repo} is not a cifarkit model: it has no {name}") from None
+    except hub.RevisionNotFoundError:
+        raise CifarkitError(f"{repo} has no revision '{revision}'; give a branch, tag or commit of it") from None
+    except hub.RepositoryNotFoundError:
+        raise CifarkitError(f"{repo} is neither a local path nor a model repository on the Hub (a private one "
+                            "needs a login: `hf auth login` or HF_TOKEN)") from None
+    except (hub.HfHubHTTPError, OSError, ValueError) as exc:
+        raise CifarkitError(f"cannot download {repo} from the Hub: {str(exc).splitlines()[0]}") from None
+
+
 def identify(tensors: dict[str, torch.Tensor]) -> tuple[str, int] | None:
     """(model, class count) of the registered architecture whose state_dict these tensors fill."""
     for name in MODELS:
@@ -180,12 +227,13 @@ def _read(p: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CifarkitError(f"cannot read weights {p}: {str(exc).splitlines()[0]}") from None
 
 
-def load(path: str | Path, expect: tuple[str, int] | None = None) -> Loaded:
-    """A ready model (eval mode, CPU) with its classes and normalization, from a run dir or file.
+def load(path: str | Path, expect: tuple[str, int] | None = None, revision: str | None = None) -> Loaded:
+    """A ready model (eval mode, CPU) with its classes and normalization, from a run dir, a file, a
+    Hub folder or a Hub repository id (`revision`: a branch, tag or commit of it).
 
     `expect` = (model, class count) the caller needs; other weights are a one-line error naming both.
     """
-    p = weights_path(path)
+    p = weights_path(locate(path, revision))
     meta, tensors = _read(p)
     if "model" not in meta or "classes" not in meta:
         raise CifarkitError(f"{p} has no cifarkit metadata (model name and classes)")

@@ -37,6 +37,7 @@ from ..trust import analysis, explain
 from ..errors import CifarkitError
 from ..images import rgb_array
 from ..rundir import Results, RunDir
+from ..weights import locate
 from .predict import NOT_FITTED, Model, answer, load_model
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -69,7 +70,8 @@ class RunApp:
     """The app's state and handlers; handlers raise CifarkitError for anything a user did wrong."""
 
     def __init__(self, run_dir: str | Path):
-        self.run = RunDir.open(run_dir, need=("weights", "gallery"))
+        # a Hub repository id: its whole folder (gallery, examples, figures) from the Hub cache
+        self.run = RunDir.open(locate(run_dir, files=None), need=("weights", "gallery"))
         self.model: Model = load_model(self.run.path)
         self.model.net.eval()
         self.classes = self.model.classes

@@ -8,7 +8,9 @@ training images; above the metadata's `ood_threshold`: none of the classes).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -102,48 +104,43 @@ def export_onnx(m: Loaded, out: Path) -> Path:
     return out
 
 
-def _model_card(m: Loaded, public: dict) -> str:
-    """The Hub folder's README: numbers from the run's public results (no path of this machine)."""
-    res = public
-    acc = res.get("test_acc", m.meta.get("test_acc"))
-    acc_text = f"{float(acc):.2%}" if acc is not None else "not recorded"
-    data = str(res.get("data", "unknown data"))
-    if "JPEG-q75" in data:
-        data += " (about 3 points below the original CIFAR-10 for the same recipe)"
-    lines = ["---", "library_name: cifarkit", "tags: [image-classification, cifar10, pytorch-lightning]",
-             "pipeline_tag: image-classification", "---", "",
-             f"# {m.meta['model']} trained with cifarkit", "",
-             f"- Test accuracy: **{acc_text}** ({res.get('test_images', '?')} test images, "
-             f"test-time views level {res.get('tta', '?')})",
-             f"- Data: {data}", f"- Recipe: preset `{res.get('preset', '?')}`, {res.get('epochs', '?')} epochs, "
-             f"peak lr {res.get('lr', '?')}, seed {res.get('seed', '?')}, precision {res.get('precision', '?')}",
-             f"- Probabilities: {_calibration_line(m)}",
-             f"- Classes: {', '.join(m.classes)}", f"- Input: 32x32 RGB, normalized with mean {m.mean} and std {m.std}",
-             f"- cifarkit {__version__}", "", "## Use", "", "```python", "import cifarkit",
-             "model = cifarkit.load('path/to/this/folder')   # eval mode, CPU",
-             "probs = model.probabilities([PIL.Image.open('cat.jpg')])", "```", ""]
-    return "\n".join(lines)
-
-
-def _calibration_line(m: Loaded) -> str:
-    if "temperature" not in m.meta:
-        return "softmax of the logits, not calibrated (run `cifarkit calibrate` on the run, then export)"
-    return (f"temperature-scaled (T = {m.temperature:.3f}, fitted on the {m.meta.get('calibration_fitted_on', '?')}); "
-            "`probabilities()` applies it")
-
-
-def export_hub(m: Loaded, out: Path, run: RunDir | None) -> Path:
+def export_hub(m: Loaded, out: Path, run: RunDir | None, repo: str | None = None, license: str = "mit") -> Path:
+    """The folder a model repository holds, laid out like a published run (so `load`, `predict` and
+    `app` read it as they read a run): the weights with their metadata, config.json (what rebuilds the
+    net), config.yaml (the run's settings without paths), results.json, the gallery, the examples and
+    the report's figures, and README.md, the model card. Nothing in it names a path of this machine."""
+    from .card import CARD_FIGURES, model_card
     out.mkdir(parents=True, exist_ok=True)
+    if run:
+        run.publish(out)                                   # gallery, examples, app figures, results.json
+        _publish_figures(run, out)
+        if run.config_file.is_file():
+            _public_config(run).to_yaml(out / run.config_file.name)
     export_safetensors(m, out / WEIGHTS_NAME)
-    public = (run.public_results() if run else None) or {}  # the card's numbers
     config = {"model": m.meta["model"], "model_kwargs": json.loads(m.meta.get("model_kwargs", "{}")),
               "classes": m.classes, "mean": m.mean, "std": m.std, "input_size": 32,
               "cifarkit_version": __version__}
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "README.md").write_text(_model_card(m, public))
-    if run:
-        run.publish_results(out)
+    public = (run.public_results() if run else None) or {}  # the card's numbers
+    figures = tuple(RunDir(out).figure(f).relative_to(out).as_posix() for f in CARD_FIGURES
+                    if RunDir(out).figure(f).is_file())
+    model_card(m, public, repo, license, figures).save(out / "README.md")
     return out
+
+
+def _publish_figures(run: RunDir, out: Path) -> None:
+    """Every figure the run's report drew, under the same names (report/<figure>.png)."""
+    for name in RunDir.FIGURES:
+        if run.figure(name).is_file():
+            dest = RunDir(out).figure(name)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(run.figure(name), dest)
+
+
+def _public_config(run: RunDir):
+    """The run's settings as a replay needs them, without the paths of this machine (data, out)."""
+    cfg = run.read_config()
+    return dataclasses.replace(cfg, data=None, out=None, data_name=cfg.data_name or run.data_name())
 
 
 def export(source: str | Path, fmt: str, out: str | Path) -> Path:

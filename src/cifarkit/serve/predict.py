@@ -54,9 +54,9 @@ class Model(Loaded):
         return Assessment(probs, ood, det.verdict(ood) if det is not None else None, sets)
 
 
-def load_model(path) -> Model:
-    """`weights.load` as a Model (a run directory, .safetensors file or Hub folder)."""
-    m = load(path)
+def load_model(path, revision: str | None = None) -> Model:
+    """`weights.load` as a Model (a run directory, .safetensors file, Hub folder or repository id)."""
+    m = load(path, revision=revision)
     return Model(m.net, m.classes, m.mean, m.std, m.meta, m.stats)
 
 

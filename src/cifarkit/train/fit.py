@@ -26,6 +26,7 @@ from .lr_finder import MUON_REFUSAL, check_settings, find_lr, load_lr_find, save
 from ..models import MODELS, build_model, list_models
 from .module import LitClassifier
 from .schedule import Schedule
+from .trackers import check_tracker, log_results, record, tracker_loggers
 from ..presets import WHITEN_SAMPLE, TrainConfig, check_choices, resolve
 from ..rundir import Results, RunDir, data_name
 from ..weights import save_weights
@@ -104,7 +105,7 @@ def _loggers(cfg: TrainConfig, run: RunDir, resumed_step: int | None) -> list:
         from lightning.pytorch.loggers import TensorBoardLogger
         tb = run.tensorboard_dir
         loggers.append(TensorBoardLogger(save_dir=str(tb.parent), name=tb.name, version=""))
-    return loggers
+    return loggers + tracker_loggers(cfg, run)
 
 
 def _check_tta_threshold(value: float, name: str) -> None:
@@ -117,6 +118,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.model not in MODELS:
         raise CifarkitError(f"unknown model '{cfg.model}'; choose one of: {', '.join(list_models())}")
     check_choices(cfg)
+    check_tracker(cfg.logger)
     if cfg.lr != "auto" and not isinstance(cfg.lr, (int, float)):
         raise CifarkitError(f"--lr must be a number or 'auto', got '{cfg.lr}'")
     if cfg.epochs <= 0 or cfg.batch_size <= 0:
@@ -363,6 +365,8 @@ def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) ->
             _write_results(cfg, dm, module, trainer, test, run, start, resumed_step, plan)
             # T in the weights' metadata: predictions are calibrated (from this run's own logits)
             calibrate_after_training(run, *_held_out_and_test_logits(module, trainer))
+            record(run, trainer.loggers)
+            log_results(trainer.loggers, run.read_results(), trainer.global_step)
             if plan is not None and resumed_step is None:  # the calibration pass is in the plan's test
                 now = time.time()
                 if notice := overrun_notice(plan, now - clock, fitted - clock - plan.spent, now - fitted):
