@@ -59,18 +59,31 @@ def test_classify_returns_exactly_k_classes_an_overlay_and_the_upscaled_input(ap
     assert not np.array_equal(overlay, view)
     *_, set_line = app.classify(str(files["rgb.jpg"]), 3, 0.5, "block2", "gradcam", "90%")
     assert set_line.startswith("prediction set at 90%: ")
-    members = set_line.split(": ", 1)[1].split(", ")
-    assert members and set(members) <= set(app.classes)
+    members = set_line.split(": ", 1)[1]
+    assert members == "empty (no class is likely enough)" or set(members.split(", ")) <= set(app.classes)
 
 
-def test_an_image_of_none_of_the_classes_is_answered_so(app, files):
-    """A blank page is none of the classes: the answer says so, naming the class it looks least unlike."""
-    blank = files["rgb.jpg"].parent / "blank.png"
+def test_an_image_the_detector_calls_none_of_the_classes_is_answered_so(reported_run, tmp_path):
+    """The app answers "not one of the K classes (looks least unlike: X)" for an image its stored
+    detector flags, here a blank page (the run's threshold set just under that page's score: what
+    the detector is worth is measured in BENCHMARKS.md, not by this barely trained run)."""
+    import shutil
+
+    from cifarkit.serve.app import RunApp
+    from cifarkit.weights import update_metadata
+    run = tmp_path / "run"
+    shutil.copytree(reported_run, run)
+    blank = tmp_path / "blank.png"
     Image.new("RGB", (200, 300), "white").save(blank)
-    assert _unknown(app, blank)
+    app = RunApp(run)
+    score = float(app.model.assess([blank]).ood_score[0])
+    update_metadata(app.run.weights_file, ood_threshold=repr(score - 1e-3))
+    app = RunApp(run)
     label = app.predict({"path": str(blank)}, 3)
     top = app.classes[int(app.model.probabilities([blank])[0].argmax())]
     assert label == f"not one of the {len(app.classes)} classes (looks least unlike: {top})"
+    update_metadata(app.run.weights_file, ood_threshold=repr(score + 1e-3))   # just over: a class again
+    assert isinstance(RunApp(run).predict({"path": str(blank)}, 3), dict)
 
 
 @pytest.mark.parametrize("name", GOOD)

@@ -76,8 +76,11 @@ def test_prediction_sets_cover_the_true_class_as_often_as_asked(seed, coverage):
     covered, size = conformal.coverage_and_size(sets, labels[2000:])
     tolerance = 3 * (coverage * (1 - coverage) / 2000) ** 0.5 + 1 / 2001
     assert abs(covered - coverage) <= tolerance, (covered, coverage)
-    assert 1 <= size < k and sets[torch.arange(2000), probs[2000:].argmax(1)].all()
-    assert conformal.prediction_sets(probs[2000:], scores, 0.5).sum() < sets.sum()
+    assert 0 < size < k
+    assert conformal.prediction_sets(probs[2000:], scores, 0.5).sum() < sets.sum()   # less asked, smaller sets
+    # a set holds every class at least as probable as any class in it
+    least_inside = torch.where(sets, probs[2000:].double(), torch.inf).amin(1)
+    assert ((probs[2000:].double() >= least_inside[:, None]) <= sets).all()
 
 
 @pytest.mark.parametrize("coverage", [0, 1, 1.5, -0.1])
@@ -116,7 +119,7 @@ def test_a_stored_detector_gives_the_verdict_and_never_changes_the_class(tmp_pat
     assert torch.equal(a.probabilities.argmax(1), model.probabilities(images).argmax(1))  # the class stays
     assert a.ood_score.shape == (51,) and a.unknown.dtype == torch.bool
     assert torch.equal(a.unknown, a.ood_score > model.detector.threshold)
-    assert a.sets.shape == (51, 10) and a.sets[torch.arange(51), a.probabilities.argmax(1)].all()
+    assert a.sets.shape == (51, 10) and a.sets.dtype == torch.bool
     assert model.detector.method == method and model.assess(images).sets is None
 
 

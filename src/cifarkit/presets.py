@@ -43,6 +43,13 @@ def parse_lr(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"must be a number or 'auto', got '{text}'") from None
 
 
+def parse_names(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if len(names) < 2:
+        raise argparse.ArgumentTypeError(f"name at least two classes, comma-separated; got '{text}'")
+    return names
+
+
 def parse_devices(text: str):
     if text == "auto":
         return text
@@ -67,6 +74,11 @@ class TrainConfig:
                                           "(default: from the source's name)")
     dataset: str = setting("cifar10", "which dataset", choices=("cifar10", "cifar100", "folder"))
     subset: int | None = setting(None, "train on the first N training images, class-balanced")
+    classes: list | None = setting(None, "train and test on these classes only (names, comma-separated); the "
+                                         "others' test images are then out of distribution", parse=parse_names)
+    calib_size: int = setting(0, "training images held out (stratified, seeded) for calibration alone: the "
+                                 "temperature, the out-of-distribution threshold and the prediction sets are "
+                                 "fitted on them (0: on the validation split)")
     val_size: int = setting(5000, "training images held out for validation, seeded (0 allowed)")
     holdout_fold: list | None = setting(None, "[k, K]: train without fold k of K of the training split, "
                                               "seeded (what `cifarkit audit` sets for its trainings)", flag=False)
@@ -210,7 +222,7 @@ UNSURE_SHARE = 0.4         # share of test images under the fast recipe's thresh
                            # measured): what a time budget plans for the test-time views of the unsure
 LOW_RES_MAX_SHARE = 0.5    # at most this share of a run's epochs train on low-res images
 OOD_METHODS = ("msp", "maxlogit", "energy", "mahalanobis", "knn")  # trust/ood.py's scores
-OOD_DEFAULT = "mahalanobis"  # the score "none of these" is decided by (BENCHMARKS.md, "Out-of-distribution")
+OOD_DEFAULT = "energy"     # the score "none of these" is decided by: the best measured (BENCHMARKS.md)
 OOD_KEEP = 0.95            # share of held-out images of the training distribution its threshold keeps
 
 FAST = dict(

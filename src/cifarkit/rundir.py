@@ -257,14 +257,15 @@ class RunDir:
         self._require("metrics")
         return read_metrics(self.metrics_file)
 
-    def data_source(self) -> tuple[str | None, str]:
-        """(data path or None for torchvision's download, dataset) the run was trained on."""
+    def data_source(self) -> tuple[str | None, str, list[str] | None]:
+        """(data path or None for torchvision's download, dataset, the classes it kept or None for all)
+        the run was trained on: what `load_arrays` takes."""
         cfg = self.read_config() if self.config_file.is_file() else TrainConfig()
         res = self.read_results()
         source = (res.data if res and res.data else None) or cfg.data
         if source and source.startswith("torchvision:"):
-            return None, source.split(":", 1)[1]
-        return source, cfg.dataset
+            return None, source.split(":", 1)[1], cfg.classes
+        return source, cfg.dataset, cfg.classes
 
     def data_name(self) -> str:
         res = self.read_results()

@@ -38,6 +38,21 @@ def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.nd
     return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
+def split_calibration(train_idx: np.ndarray, labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, calibration indices): n // K images of each of the K classes drawn at random
+    (seeded) from the training indices and held out from training."""
+    if not n:
+        return train_idx, train_idx[:0]
+    classes = np.unique(labels[train_idx])
+    per_class = n // len(classes)
+    if per_class < 1 or n >= len(train_idx):
+        raise CifarkitError(f"--calib-size {n} must hold at least one image of each of the {len(classes)} classes "
+                            f"and leave some of the {len(train_idx)} to train on")
+    rng = np.random.default_rng(seed + 1)  # not the validation split's draw
+    picked = np.concatenate([rng.permutation(train_idx[labels[train_idx] == c])[:per_class] for c in classes])
+    return np.setdiff1d(train_idx, picked), np.sort(picked)
+
+
 def balanced_subset(indices: np.ndarray, labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
     """The first n // num_classes indices of each class (n rounded down to whole classes)."""
     per_class = n // num_classes
@@ -152,9 +167,10 @@ class CIFARDataModule(L.LightningDataModule):
                  subset: int | None = default("subset"), seed: int = default("seed"),
                  augment: dict | None = None, eval_batch_size: int = default("eval_batch_size"),
                  num_workers: int = default("num_workers"), drop_last: bool = default("drop_last"),
-                 holdout_fold: list | None = default("holdout_fold")):
+                 holdout_fold: list | None = default("holdout_fold"), classes: list | None = default("classes"),
+                 calib_size: int = default("calib_size")):
         super().__init__()
-        self.holdout_fold = holdout_fold
+        self.holdout_fold, self.class_names, self.calib_size = holdout_fold, classes, calib_size
         self.data, self.dataset, self.batch_size = data, dataset, batch_size
         self.val_size, self.subset, self.seed = val_size, subset, seed
         self.augment_cfg, self.eval_batch_size, self.num_workers = augment or {}, eval_batch_size, num_workers
@@ -169,9 +185,10 @@ class CIFARDataModule(L.LightningDataModule):
         """Load (cached) arrays and make the splits; safe to call more than once."""
         if self.arrays is not None:
             return self
-        a = self.arrays = load_arrays(self.data, self.dataset)
+        a = self.arrays = load_arrays(self.data, self.dataset, self.class_names)
         self.classes = a.classes
         train_idx, val_idx = split_train_val(a.train_y, self.val_size, self.seed)
+        train_idx, self.calib_idx = split_calibration(train_idx, a.train_y, self.calib_size, self.seed)
         if self.subset:
             train_idx = balanced_subset(train_idx, a.train_y, self.subset, len(a.classes))
         if self.holdout_fold:  # `cifarkit audit`: fold k of K is left out, to be predicted out of sample

@@ -428,12 +428,29 @@ def _cached(file: Path, decode) -> Arrays:
     return cached
 
 
-def load_arrays(data: str | None = None, dataset: str = "cifar10") -> Arrays:
-    """Decoded arrays for a source, from the cache when the source has not changed."""
+def load_arrays(data: str | None = None, dataset: str = "cifar10", classes: list[str] | None = None) -> Arrays:
+    """Decoded arrays for a source, from the cache when the source has not changed; with `classes`,
+    only the images of those classes, labelled 0..len(classes)-1 in that order."""
     source = resolve_source(data, dataset)
     if source is None:
-        return _cached(cache_dir() / f"{dataset}-torchvision.npz", lambda: _torchvision(dataset))
-    path = Path(source).expanduser()
-    if not path.exists():
-        read_source(path)  # raises the 'does not exist' error
-    return _cached(cache_dir() / f"{path.name}-{_cache_key(path)}.npz", lambda: read_source(path))
+        arrays = _cached(cache_dir() / f"{dataset}-torchvision.npz", lambda: _torchvision(dataset))
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            read_source(path)  # raises the 'does not exist' error
+        arrays = _cached(cache_dir() / f"{path.name}-{_cache_key(path)}.npz", lambda: read_source(path))
+    return select_classes(arrays, classes) if classes else arrays
+
+
+def select_classes(a: Arrays, names: list[str]) -> Arrays:
+    """The images of the named classes only, relabelled in the order named."""
+    unknown = [n for n in names if n not in a.classes]
+    if unknown or len(set(names)) < 2 or len(set(names)) != len(names):
+        why = f"unknown classes {unknown}" if unknown else "name at least two different classes"
+        raise CifarkitError(f"--classes: {why}; the data has: {', '.join(a.classes)}")
+    old = np.array([a.classes.index(n) for n in names])
+    relabel = np.full(len(a.classes), -1)
+    relabel[old] = np.arange(len(names))
+    train, test = np.isin(a.train_y, old), np.isin(a.test_y, old)
+    return Arrays(a.train_x[train], relabel[a.train_y[train]], a.test_x[test], relabel[a.test_y[test]],
+                  list(names), a.source)

@@ -54,7 +54,7 @@ class Report:
 
     def _without_paths(self, text: str) -> str:
         """A page may be shared: the run and its data by name, never by a path of this machine."""
-        source, _ = self.run.data_source()
+        source, *_ = self.run.data_source()
         if source:
             text = text.replace(str(source), self.run.data_name())
         return text.replace(str(self.run.path.resolve()), self.run.name).replace(str(self.run.path), self.run.name)
@@ -142,12 +142,28 @@ def _calibration(r: Report) -> None:
                 ("ECE after", f"{calibration.ece(after, y):.2%}"), rows[1],
                 ("NLL after", f"{calibration.nll(z / t, y):.4f}")]
     r.tables["Calibration (test set)"] = rows
+    _trust_answers(r)
     how = ("Temperature scaling divides the logits by T, fitted on held-out images (never the test set); the app, "
            "predict and the exports show the calibrated percentages." if after is not None else
            "No temperature was fitted (see above), so the percentages shown are the raw ones.")
     r.add(calibration.reliability_figure(before, after, y), "calibration", "Calibration",
           "Reliability diagrams: test images binned by the model's confidence (15 bins); a bar reaching the "
           f"diagonal means that confidence is honest. Below, the share of images per bin. {how}")
+
+
+def _trust_answers(r: Report) -> None:
+    """The "none of these" score and the prediction sets fitted beside T: which, on what, and the
+    sets' coverage on the test set against the coverage asked for."""
+    res = r.run.read_results()
+    if res is None or not res.coverage:
+        return
+    rows = [("fitted on", r.fitted_on or "?")]
+    if res.ood:
+        rows.append(("out-of-distribution score", f"{res.ood['method']}, its threshold keeping "
+                                                  f"{res.ood['keep']:.0%} of the held-out images"))
+    rows += [(f"{float(c):.0%} prediction sets", f"cover {cov:.2%} of the test set, {size:.2f} classes on average")
+             for c, (cov, size) in sorted(res.coverage.items())]
+    r.tables["None of these, and prediction sets"] = rows
 
 
 def _label_issues(r: Report) -> None:

@@ -114,7 +114,7 @@ class RunApp:
         if a.sets is None:
             return label, "" if coverage is None else NOT_FITTED.split(": ")[0]
         members = [c for c, inside in zip(self.classes, a.sets[0].tolist()) if inside]
-        return label, f"prediction set at {coverage:.0%}: {', '.join(members)}"
+        return label, f"prediction set at {coverage:.0%}: {', '.join(members) or 'empty (no class is likely enough)'}"
 
     def predict(self, image, k=3, coverage="off") -> dict[str, float] | str:
         arr = self._image(image)
@@ -313,7 +313,7 @@ class _CacheCleaner:
 
 def _blocked(app: RunApp) -> list[str]:
     """Folders no file route may serve from: the run directory and the training data."""
-    source, _ = app.run.data_source()
+    source, *_ = app.run.data_source()
     return [str(app.run.path.resolve())] + ([str(Path(source).resolve())] if source and os.path.isabs(source) else [])
 
 

@@ -69,7 +69,8 @@ def answer(result: dict, num_classes: int) -> str:
     else:
         text = ", ".join(f"{t['class']} {t['prob']:.1%}" for t in top)
     if "set" in result:
-        text += f"; prediction set {{{', '.join(result['set'])}}}"
+        text += f"; prediction set {{{', '.join(result['set'])}}}" if result["set"] else \
+            "; prediction set empty (no class is likely enough at this coverage)"
     return text
 
 

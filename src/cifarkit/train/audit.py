@@ -66,7 +66,7 @@ def audit(run_dir: str | Path, folds: int, out: str | Path | None = None) -> Aud
     run = RunDir.open(run_dir, need=("config",))
     cfg, res = run.read_config(), run.read_results()
     out = Path(out) if out else run.audit_dir
-    source, _ = run.data_source()
+    source, *_ = run.data_source()
     base = build_datamodule(dataclasses.replace(cfg, data=source or cfg.data, holdout_fold=None))
     n = len(base.train_idx)
     if folds > n:

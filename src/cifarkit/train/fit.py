@@ -71,7 +71,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def build_datamodule(cfg: TrainConfig) -> CIFARDataModule:
     return CIFARDataModule(cfg.data, cfg.dataset, cfg.batch_size, cfg.val_size, cfg.subset, cfg.seed,
                            cfg.augment, cfg.eval_batch_size, cfg.num_workers, cfg.drop_last,
-                           cfg.holdout_fold).prepare()
+                           cfg.holdout_fold, cfg.classes, cfg.calib_size).prepare()
 
 
 def build_module(cfg: TrainConfig, dm: CIFARDataModule) -> LitClassifier:
@@ -250,9 +250,10 @@ def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, start: f
     eval_seconds = measure_eval(module, dm, resolve_precision(cfg.precision, cfg.accelerator))
     test = eval_seconds(len(dm.arrays.test_y), views_per_image(cfg.tta, cfg.tta_threshold))
     val = eval_seconds(len(dm.val_idx))
-    # the temperature is fitted on the last validation's logits; without a validation split, on a
-    # slice of the training set predicted after the test
-    calibration = 0.0 if len(dm.val_idx) else eval_seconds(min(TRAIN_SLICE, len(dm.arrays.train_y)))
+    # calibration passes over its held-out images once more, in fp32 (the features of the
+    # out-of-distribution score): the calibration split, the validation split, or a training slice
+    held = len(dm.calib_idx) or len(dm.val_idx) or min(TRAIN_SLICE, len(dm.arrays.train_y))
+    calibration = 2 * eval_seconds(held)  # fp32: about twice the bf16 batch timed
     plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, test + calibration, val,
                          cfg.batch_size, shape, shape.low_res_epochs / cfg.epochs, recipe_epochs=cfg.epochs)
     log.info(plan.describe())
@@ -379,7 +380,7 @@ def _held_out_and_test_logits(module: LitClassifier, trainer: L.Trainer):
     if trainer.world_size > 1:
         return None, None
     val, test = (torch.cat(module.plain_logits[k]).cpu() if module.plain_logits[k] else None for k in ("val", "test"))
-    return val, test
+    return (None if module.cfg.calib_size else val), test  # a calibration split is predicted there
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, tta: int | None = None,

@@ -44,8 +44,7 @@ def predict_arrays(model: Loaded, images: np.ndarray, labels: np.ndarray, batch_
 def load_test_split(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The test split of the data a run was trained on (decoded from the cache when possible)."""
     from ..data.sources import load_arrays
-    source, dataset = RunDir.open(run_dir).data_source()
-    a = load_arrays(source, dataset)
+    a = load_arrays(*RunDir.open(run_dir).data_source())
     return a.test_x, a.test_y
 
 

@@ -149,11 +149,15 @@ def calibrate(fit_logits, fit_labels, logits, labels, fitted_on: str, bins: int 
 # -- a run directory ------------------------------------------------------------------------------
 
 def held_out(run, arrays) -> tuple[np.ndarray, str]:
-    """(training-set indices, description) of the images a run's temperature is fitted on: its
-    validation split, rebuilt as training made it; with --val-size 0 a seeded slice of the training set."""
-    from ..data.datamodule import split_train_val
+    """(training-set indices, description) of the images a run is calibrated on, rebuilt as training
+    made them: its calibration split (--calib-size), else its validation split; with neither, a
+    seeded slice of the training set."""
+    from ..data.datamodule import split_calibration, split_train_val
     cfg = run.read_config()
-    _, val = split_train_val(arrays.train_y, cfg.val_size, cfg.seed)
+    train, val = split_train_val(arrays.train_y, cfg.val_size, cfg.seed)
+    _, calib = split_calibration(train, arrays.train_y, cfg.calib_size, cfg.seed)
+    if len(calib):
+        return calib, f"calibration split ({len(calib):,} images held out from training)"
     if len(val):
         return val, f"validation split ({len(val):,} images)"
     val = np.sort(np.random.default_rng(cfg.seed).permutation(len(arrays.train_y))[:TRAIN_SLICE])

@@ -1,11 +1,14 @@
-"""Prediction sets with a guarantee: split conformal prediction with adaptive prediction sets (APS).
+"""Prediction sets with a guarantee: split conformal prediction with the least-ambiguous-class score.
 
 Fitted on held-out images of the training distribution (never the test set): each held-out image's
-conformity score is the probability mass of the classes ranked at or above its true class, the last
-one counted by a uniform draw u (Romano, Sesia & Candes, 2020; randomized, as TorchCP's APS). For a
-coverage 1 - alpha the threshold is the ceil((n + 1)(1 - alpha))-th smallest of the n scores; a test
-image's set is every class whose score falls at or under it. For exchangeable images the set then
-holds the true class with probability at least 1 - alpha (and at most 1 - alpha + 1 / (n + 1)). The
+non-conformity score is 1 minus the calibrated probability of its true class (LAC, Sadinle, Lei &
+Wasserman, 2019; TorchCP's THR). For a coverage 1 - alpha the threshold q is the
+ceil((n + 1)(1 - alpha))-th smallest of the n scores, and a test image's set is every class whose
+probability is at least 1 - q. For exchangeable images the set holds the true class with probability
+at least 1 - alpha and at most 1 - alpha + 1 / (n + 1), and LAC's sets are the smallest on average.
+A set may be empty (no class is likely enough at that coverage): forcing the top class into every
+set would cover more than asked (at 80% on an 86% model, every set would hold its top class, which
+alone covers 86%); measured in BENCHMARKS.md, "Prediction sets", beside randomized APS. The
 held-out scores are stored with the weights, so any coverage can be asked for at prediction time.
 """
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch
 
 from ..errors import CifarkitError
 
-SEED = 0                 # the draws u: a prediction set is the same every time it is asked for
-SCORES = "conformal.scores"  # the held-out conformity scores' name among a model's stored stats
+SCORES = "conformal.scores"  # the held-out non-conformity scores' name among a model's stored stats
+MIN_HELD_OUT = 20
 
 
 def check_coverage(coverage: float, n: int | None = None) -> None:
@@ -29,26 +32,13 @@ def check_coverage(coverage: float, n: int | None = None) -> None:
                             f"calibrated on: ask for at most {n / (n + 1):.3f}")
 
 
-def _draws(n: int) -> torch.Tensor:
-    return torch.rand(n, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
-
-
-def aps_scores(probs: torch.Tensor) -> torch.Tensor:
-    """(B, K) probabilities -> (B, K) the APS score each class would have as the true one: the mass of
-    the classes ranked above it plus u times its own."""
-    p = probs.double()
-    order = p.argsort(dim=1, descending=True)
-    sorted_p = p.gather(1, order)
-    above = sorted_p.cumsum(dim=1) - sorted_p                               # mass ranked strictly above
-    u = _draws(len(p))[:, None]
-    return torch.empty_like(p).scatter_(1, order, above + u * sorted_p)
-
-
 def fit(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The held-out conformity scores (n,), sorted: what prediction sets at any coverage need."""
-    if len(labels) < 20:
-        raise CifarkitError(f"prediction sets need at least 20 held-out images, got {len(labels)}")
-    return aps_scores(probs).gather(1, labels.long()[:, None])[:, 0].sort().values.float()
+    """The held-out non-conformity scores (n,), sorted: what prediction sets at any coverage need.
+    probs: calibrated probabilities (n, K) of held-out images; labels: their classes (n,)."""
+    if len(labels) < MIN_HELD_OUT:
+        raise CifarkitError(f"prediction sets need at least {MIN_HELD_OUT} held-out images, got {len(labels)}")
+    true = probs.double()[torch.arange(len(labels)), labels.long()]
+    return (1 - true).sort().values.float()
 
 
 def threshold(scores: torch.Tensor, coverage: float) -> float:
@@ -58,11 +48,8 @@ def threshold(scores: torch.Tensor, coverage: float) -> float:
 
 
 def prediction_sets(probs: torch.Tensor, scores: torch.Tensor, coverage: float) -> torch.Tensor:
-    """(B, K) bool: the classes in each image's set (its most probable class always among them)."""
-    inside = aps_scores(probs) <= threshold(scores, coverage)
-    top = probs.argmax(dim=1)
-    inside[torch.arange(len(probs)), top] = True  # never an empty set
-    return inside
+    """(B, K) bool: the classes in each image's set (possibly none)."""
+    return (1 - probs.double()) <= threshold(scores, coverage) + 1e-12
 
 
 def coverage_and_size(sets: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
