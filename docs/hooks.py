@@ -79,13 +79,15 @@ def cli_markdown() -> str:
              "Generated from `cifarkit.cli.build_parser()` when the manual is built: every subcommand, "
              "every flag, its default and its help, as `cifarkit COMMAND --help` prints them. "
              "A flag of a training setting with no default shown takes its value from the preset "
-             "(`--preset`, the fast recipe when none is given) or the replayed `--config`.", "",
+             "(`--preset`, the fast recipe when none is given) or the replayed `--config`. Every command "
+             "also takes `-h` / `--help`.", "",
              "```text", parser.format_usage().strip(), "```", "",
              *_arguments_table(parser), "",
              "| command | what it does |", "| --- | --- |",
              *(f"| [`{name}`](#{name}) | {_cell(helps[name])} |" for name in sub.choices), ""]
     for name, p in sub.choices.items():
-        lines += [f"## {name}", "", _cell(helps[name]) + ".", "",
+        text = _cell(helps[name])
+        lines += [f"## {name}", "", text[:1].upper() + text[1:] + ".", "",
                   "```text", p.format_usage().strip(), "```", "", *_arguments_table(p), ""]
     return "\n".join(lines)
 
