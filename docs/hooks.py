@@ -18,8 +18,17 @@ from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-if str(SRC) not in sys.path:  # the build reads the checkout's package, installed or not
-    sys.path.insert(0, str(SRC))
+
+
+def _this_checkout() -> None:
+    """Import cifarkit from this checkout's src/, as mkdocstrings reads it, even where another copy
+    is installed or was imported first (a venv shared between checkouts)."""
+    if str(SRC) not in sys.path:
+        sys.path.insert(0, str(SRC))
+    loaded = sys.modules.get("cifarkit")
+    if loaded is not None and not Path(loaded.__file__).resolve().is_relative_to(SRC):
+        for name in [n for n in sys.modules if n == "cifarkit" or n.startswith("cifarkit.")]:
+            del sys.modules[name]
 
 LAYERS = {  # page -> (title, subpackage or None for the root's modules)
     "index": ("the contracts at the package root", None),
@@ -71,11 +80,12 @@ def _arguments_table(parser: argparse.ArgumentParser) -> list[str]:
 
 def cli_markdown() -> str:
     """The command-line reference, from the parser the `cifarkit` command runs."""
+    _this_checkout()
     from cifarkit.cli import build_parser
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {a.dest: a.help for a in sub._choices_actions}
-    lines = ["# Command line", "",
+    lines = ["---", "search:", "  boost: 2", "---", "", "# Command line", "",
              "Generated from `cifarkit.cli.build_parser()` when the manual is built: every subcommand, "
              "every flag, its default and its help, as `cifarkit COMMAND --help` prints them. "
              "A flag of a training setting with no default shown takes its value from the preset "
@@ -96,17 +106,17 @@ def cli_markdown() -> str:
 
 
 def _modules(subpackage: str | None) -> list[str]:
-    import cifarkit
+    """The modules of the root (the package itself first) or of one subpackage, found in src/."""
     if subpackage is None:
-        found = [m.name for m in pkgutil.iter_modules(cifarkit.__path__) if not m.ispkg]
+        found = [m.name for m in pkgutil.iter_modules([str(SRC / "cifarkit")]) if not m.ispkg]
         return ["cifarkit"] + [f"cifarkit.{n}" for n in found if n not in ("__main__", "cli")]
-    package = __import__(f"cifarkit.{subpackage}", fromlist=["_"])
-    return [f"cifarkit.{subpackage}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+    return [f"cifarkit.{subpackage}.{m.name}" for m in pkgutil.iter_modules([str(SRC / "cifarkit" / subpackage)])]
 
 
 def api_markdown(page: str) -> str:
     title, subpackage = LAYERS[page]
-    lines = [f"# Python API: {title}", ""]
+    lines = ["---", "search:", "  boost: 0.5", "---", "",  # the guides first, then the signatures
+             f"# Python API: {title}", ""]
     if subpackage is None:
         lines += ["Generated from the docstrings. Data flows one way: source -> `data` -> `train` -> "
                   "the run directory (`cifarkit.rundir.RunDir`) -> `report`, `trust`, `serve`. "
