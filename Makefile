@@ -10,7 +10,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export CIFARKIT_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: setup browser demo test test-fast bench bench-gpu clean
+.PHONY: setup browser demo test test-fast docs pictures bench bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ test: setup browser
 # about a minute on 2 idle cores, with or without the data copy.
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# The manual (docs/, MkDocs Material) at http://127.0.0.1:8000; `make test` builds it with --strict.
+HAVE_DOCS = $(shell $(BIN)/python -c "import mkdocs, material, mkdocstrings_handlers.python" 2>/dev/null && echo yes)
+docs:
+	$(if $(HAVE_DOCS),,$(error make docs needs the docs extra: $(BIN)/python -m pip install -e '.[docs]', or make setup))
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs serve
+
+# The README's pictures (docs/images/) from a finished run with its report: make pictures RUN=runs/quick-...
+pictures: setup browser
+	@test -n "$(RUN)" || { echo "make pictures needs a run: make pictures RUN=runs/quick-..."; exit 1; }
+	$(BIN)/python docs/make_pictures.py $(RUN)
 
 # The CPU benchmarks, one after another (about 2.5 hours on 2 cores); run alone on the machine.
 # Each prints its result; BENCHMARKS.md records them with the machine and date.
