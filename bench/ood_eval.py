@@ -7,6 +7,10 @@ Far-OOD sets, 500 images each (seeded): scikit-learn's bundled handwritten digit
 rendered text, stripes and checkerboards, smooth noise, uniform colours, white noise. Near-OOD: with
 --near RUN_DIR of a run trained on some classes only (`--classes`), the test images of the others.
 
+Prediction sets: the test coverage and mean size of cifarkit's sets (least-ambiguous class, LAC)
+beside adaptive prediction sets (APS, randomized), each with and without the top class forced in, at
+80/90/95%, fitted on the same held-out images.
+
     python bench/ood_eval.py runs/quick-seed0 [--near runs/six-classes] [--out runs/ood.json]
 """
 from __future__ import annotations
@@ -17,14 +21,16 @@ import sys
 import time
 from pathlib import Path
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from cifarkit.data.sources import load_arrays
 from cifarkit.rundir import RunDir
-from cifarkit.trust import ood
-from cifarkit.trust.calibration import held_out
+from cifarkit.trust import conformal, ood
+from cifarkit.trust.calibration import held_out, to_probs
 from cifarkit.weights import load
 
 N = 500
@@ -72,6 +78,31 @@ def _scores(model, detectors: dict, images: np.ndarray) -> dict[str, np.ndarray]
     return {m: d.score(logits, features).numpy() for m, d in detectors.items()}
 
 
+def _aps(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """APS scores of every class (mass ranked above it + u times its own), for the comparison."""
+    order = probs.argsort(1, descending=True)
+    ranked = probs.gather(1, order)
+    return torch.empty_like(probs).scatter_(1, order, ranked.cumsum(1) - ranked + u[:, None] * ranked)
+
+
+def set_methods(fit_probs, fit_y, test_probs, test_y) -> dict:
+    """{method: {coverage: [test coverage, mean size, share of empty sets]}}."""
+    g = torch.Generator().manual_seed(0)
+    u_fit, u_test = (torch.rand(n, generator=g, dtype=torch.float64) for n in (len(fit_y), len(test_y)))
+    rows, top = {}, test_probs.argmax(1)
+    aps_fit = _aps(fit_probs, u_fit)[torch.arange(len(fit_y)), fit_y].sort().values
+    for c in (0.8, 0.9, 0.95):
+        lac = conformal.prediction_sets(test_probs, conformal.fit(fit_probs, fit_y), c)
+        aps = _aps(test_probs, u_test) <= aps_fit[math.ceil((len(fit_y) + 1) * c) - 1]
+        for name, sets in (("LAC (cifarkit)", lac), ("APS, randomized", aps)):
+            forced = sets.clone()
+            forced[torch.arange(len(top)), top] = True
+            for label, s in ((name, sets), (name + ", top class forced in", forced)):
+                cov, size = conformal.coverage_and_size(s, test_y)
+                rows.setdefault(label, {})[c] = [round(cov, 4), round(size, 3), round(float((s.sum(1) == 0).float().mean()), 4)]
+    return rows
+
+
 def evaluate(run_dir: str, near_dir: str | None = None) -> dict:
     run = RunDir.open(run_dir, need=("config", "weights"))
     arrays = load_arrays(*run.data_source())
@@ -94,6 +125,17 @@ def evaluate(run_dir: str, near_dir: str | None = None) -> dict:
         out["far"][m] = {"auroc": ood.auroc(test[m], allfar), "fpr95": ood.fpr_at_tpr(test[m], allfar),
                          "per_set": {k: [round(a, 4), round(f, 4)] for k, (a, f) in rows.items()}}
     out["seconds_per_1000"] = round(predict_seconds / len(arrays.test_y) * 1000, 3)
+    t = model.temperature
+    _, test_logits = model.features_and_logits(arrays.test_x)
+    out["sets"] = set_methods(to_probs(logits, t).double(), labels, to_probs(test_logits, t).double(),
+                              torch.as_tensor(arrays.test_y).long())
+    t0 = time.perf_counter()
+    model.probabilities(arrays.test_x[:2000])
+    plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    features, z = model.features_and_logits(arrays.test_x[:2000])
+    detectors[ood.DEFAULT].score(z, features)
+    out["ood_cost"] = round((time.perf_counter() - t0) / plain - 1, 3)  # extra time of the default score
     if near_dir:
         out["near"] = near(near_dir)
     return out
@@ -125,6 +167,9 @@ def table(result: dict) -> str:
     lines += ["", "| far set | " + " | ".join(ood.METHODS) + " |", "| --- |" + " --- |" * len(ood.METHODS)]
     for name in result["far"][ood.METHODS[0]]["per_set"]:
         lines.append(f"| {name} | " + " | ".join(f"{result['far'][m]['per_set'][name][0]:.3f}" for m in ood.METHODS) + " |")
+    lines += ["", "| prediction sets | 80%: coverage, size, empty | 90% | 95% |", "| --- | --- | --- | --- |"]
+    for name, by_c in result.get("sets", {}).items():
+        lines.append(f"| {name} | " + " | ".join(f"{v[0]:.2%}, {v[1]:.2f}, {v[2]:.1%}" for v in by_c.values()) + " |")
     return "\n".join(lines)
 
 
@@ -136,7 +181,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     result = evaluate(args.run_dir, args.near)
     print(table(result))
-    print(f"\nfitted on the {result['fitted_on']}; scoring costs {result['seconds_per_1000']} s per 1,000 images")
+    print(f"\nfitted on the {result['fitted_on']}; the default score ({ood.DEFAULT}) adds {result['ood_cost']:.0%} "
+          "to the time of plain probabilities")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
