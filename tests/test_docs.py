@@ -81,6 +81,9 @@ def check_other(words: list[str]) -> None:
             assert wanted <= extras(), f"{spec}: no such extra in pyproject.toml"
     elif words[:2] == ["python", "docs/make_pictures.py"]:
         docs_module("make_pictures").build_parser().parse_args(words[2:])
+    elif words[0] == "hf":  # huggingface_hub's own command line (a dependency): its parser knows the command
+        hf = Path(sys.executable).with_name("hf")
+        assert subprocess.run([str(hf), *words[1:], "--help"], capture_output=True).returncode == 0, shlex.join(words)
     elif words[0] == "cd" or words == ["python", "app.py"]:
         pass  # the Space folder's steps: checked where export-space writes it (test_space runs its app.py)
     else:
