@@ -155,9 +155,9 @@ def good_image(inputs: dict, rng: random.Random) -> str:
 def call(client, kind: str, inputs: dict, rng: random.Random, url: str) -> None:
     from gradio_client import handle_file
     if kind == "classify":
-        label, overlay, view = client.predict(handle_file(good_image(inputs, rng)), rng.randint(1, 10),
-                                              0.5, rng.choice(["block1", "block2", "block3"]), "gradcam",
-                                              api_name="/classify")
+        label, overlay, view, set_line = client.predict(handle_file(good_image(inputs, rng)), rng.randint(1, 10),
+                                                        0.5, rng.choice(["block1", "block2", "block3"]), "gradcam",
+                                                        rng.choice(["off", "80%", "90%", "95%"]), api_name="/classify")
         assert label["label"], label
         read_image(overlay)
         read_image(view)

@@ -246,9 +246,10 @@ def test_cache_cleaner_deletes_old_uploads_answers_and_their_folders_even_while_
         (out.keep_in_cache if keep else out.temp_files).add(str(f))
         return str(f)
     old, answer, example = add("a" * 64, "upload.png"), add("cifarkit", "gradcam-1.png"), add("e" * 64, "ex.png", True)
-    cleaner = _CacheCleaner(demo, every=1, age=1, keep=answers)
-    time.sleep(1.2)
+    cleaner = _CacheCleaner(demo, every=1, age=2, keep=answers)
+    time.sleep(2.2)
     new = add("b" * 64, "new.png")
+    until = time.monotonic() + 1.0           # cleaning stops well before `new` is 2 s old, however slow it is
     stop = threading.Event()
 
     def busy():                                  # request threads adding answers meanwhile
@@ -261,6 +262,8 @@ def test_cache_cleaner_deletes_old_uploads_answers_and_their_folders_even_while_
     try:
         for _ in range(20):
             cleaner.clean()                          # Gradio's own delete_cache raises here, and stops
+            if time.monotonic() > until:
+                break
     finally:
         stop.set()
         t.join()

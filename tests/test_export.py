@@ -99,7 +99,9 @@ def test_predict_over_a_folder_with_a_corrupt_file(tiny_run, tmp_path, real_imag
         assert "corrupt.jpg" in err
         with open(out_csv) as f:
             rows[model] = list(csv.DictReader(f))
-        assert len(rows[model]) == 5 and set(rows[model][0]) == {"image", "class_1", "prob_1", "class_2", "prob_2"}
+        assert len(rows[model]) == 5 and set(rows[model][0]) == {"image", "class_1", "prob_1", "class_2", "prob_2",
+                                                                 "ood_score", "unknown"}
     torch_rows, onnx_rows = rows.values()
     assert [r["class_1"] for r in torch_rows] == [r["class_1"] for r in onnx_rows]
+    assert [r["unknown"] for r in torch_rows] == [r["unknown"] for r in onnx_rows]   # the same verdicts
     assert main(["predict", str(tiny_run), str(tmp_path / "nothing-here")]) == 2

@@ -59,8 +59,8 @@ def test_space_runs_in_a_fresh_venv_with_only_its_requirements(reported_run, tmp
                 time.sleep(1)
         assert client is not None, "the Space did not start within 120 s"
         img = bad_images(tmp_path / "img")["rgb.jpg"]
-        label, overlay, view = client.predict(handle_file(str(img)), 3, 0.5, "block3", "gradcam",
-                                              api_name="/classify")
+        label, overlay, view, set_line = client.predict(handle_file(str(img)), 3, 0.5, "block3", "gradcam",
+                                                        "90%", api_name="/classify")
         assert len(label["confidences"]) == 3
         weights = (out / "run" / "model.safetensors").resolve()
         with pytest.raises(urllib.error.HTTPError, match="403"):

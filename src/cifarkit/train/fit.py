@@ -250,10 +250,11 @@ def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, start: f
     eval_seconds = measure_eval(module, dm, resolve_precision(cfg.precision, cfg.accelerator))
     test = eval_seconds(len(dm.arrays.test_y), views_per_image(cfg.tta, cfg.tta_threshold))
     val = eval_seconds(len(dm.val_idx))
-    # calibration passes over its held-out images once more, in fp32 (the features of the
-    # out-of-distribution score): the calibration split, the validation split, or a training slice
+    # calibration passes over its held-out images (the calibration split, the validation split, or a
+    # training slice) in fp32 for the out-of-distribution score (about twice the bf16 batch timed), and
+    # once more in bf16 for the temperature unless the last validation's logits are those images'
     held = len(dm.calib_idx) or len(dm.val_idx) or min(TRAIN_SLICE, len(dm.arrays.train_y))
-    calibration = 2 * eval_seconds(held)  # fp32: about twice the bf16 batch timed
+    calibration = (2 + (1 if dm.calib_size or not len(dm.val_idx) else 0)) * eval_seconds(held)
     plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, test + calibration, val,
                          cfg.batch_size, shape, shape.low_res_epochs / cfg.epochs, recipe_epochs=cfg.epochs)
     log.info(plan.describe())

@@ -191,8 +191,8 @@ def calibrate_run(run_dir, fit_logits=None, test_logits=None, ood_method: str | 
     keep = keep or float(model.meta.get("ood_keep", ood.KEEP))
     model.net.to("cuda" if torch.cuda.is_available() else "cpu")
     features, held_logits = model.features_and_logits(arrays.train_x[fit_idx])  # fp32, as predictions are
-    if fit_logits is None or len(fit_logits) != len(fit_idx):
-        fit_logits = held_logits
+    if fit_logits is None or len(fit_logits) != len(fit_idx):  # T from bf16 logits, as training's own
+        fit_logits = model.logits(arrays.train_x[fit_idx], autocast=True)
     if test_logits is None or len(test_logits) != len(arrays.test_y):
         test_logits = model.logits(arrays.test_x, autocast=True)
     fit_labels = torch.as_tensor(arrays.train_y[fit_idx]).long()
