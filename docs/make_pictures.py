@@ -54,7 +54,8 @@ def report_picture(browser, run_dir: Path, out: Path) -> None:
 
 
 def app_picture(browser, run_dir: Path, out: Path) -> None:
-    """The app's Classify tab after classifying one of the run's example images."""
+    """The app's Classify tab after classifying one of the run's example images, with its 90%
+    prediction set."""
     from cifarkit.serve.app import launch
     port = free_port()
     demo = launch(run_dir, port=port, prevent_thread_lock=True, quiet=True)
@@ -64,8 +65,10 @@ def app_picture(browser, run_dir: Path, out: Path) -> None:
         from cifarkit.rundir import RunDir
         example = RunDir.open(run_dir).examples()[3]
         page.locator("#input-image input[type=file]").set_input_files(str(example))
+        page.get_by_label("90%").check()
         page.click("#classify")
         page.wait_for_selector("#overlay img", timeout=60_000)
+        page.get_by_text("prediction set at 90%:", exact=False).first.wait_for(timeout=60_000)
         page.wait_for_timeout(1000)  # the overlay's fade-in
         page.screenshot(path=str(out))
         page.close()
