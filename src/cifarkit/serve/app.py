@@ -38,7 +38,7 @@ from ..errors import CifarkitError
 from ..images import rgb_array
 from ..rundir import Results, RunDir
 from ..weights import locate
-from .predict import NOT_FITTED, Model, answer, load_model
+from .predict import NO_STATS, Model, answer, load_model
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -102,19 +102,20 @@ class RunApp:
         top = probs.topk(k)
         return {self.classes[i]: float(p) for p, i in zip(top.values, top.indices)}
 
-    def _answer(self, arr: np.ndarray, k, coverage) -> tuple[dict[str, float] | str, str]:
+    def _answer(self, arr: np.ndarray, k, coverage) -> tuple[dict[str, float] | str, str, int]:
         """(the Label's value: the top-k classes, or "not one of the K classes (looks least unlike:
-        X)"; a line with the prediction set at `coverage` (e.g. "90%"; "" or "off": none))."""
+        X)"; a line with the prediction set at `coverage` (e.g. "90%"; "" or "off": none); the top class)."""
         coverage = None if coverage in (None, "", "off") else float(str(coverage).rstrip("%")) / 100
         a = self.model.assess(arr, coverage)
+        best = int(a.probabilities[0].argmax())
         top = self._top_k(a.probabilities[0], k)
         unknown = a.unknown is not None and bool(a.unknown[0])
         label = answer({"top": [{"class": c, "prob": p} for c, p in top.items()], "unknown": unknown},
                        len(self.classes)) if unknown else top
         if a.sets is None:
-            return label, "" if coverage is None else NOT_FITTED.split(": ")[0]
+            return label, "" if coverage is None else NO_STATS, best
         members = [c for c, inside in zip(self.classes, a.sets[0].tolist()) if inside]
-        return label, f"prediction set at {coverage:.0%}: {', '.join(members) or 'empty (no class is likely enough)'}"
+        return label, f"prediction set at {coverage:.0%}: {', '.join(members) or 'empty (no class is likely enough)'}", best
 
     def predict(self, image, k=3, coverage="off") -> dict[str, float] | str:
         arr = self._image(image)
@@ -127,8 +128,8 @@ class RunApp:
         arr = self._image(image)
         layer = explain.resolve_layer(self.model.net, layer or None)
         with self.lock:
-            label, set_line = self._answer(arr, k, coverage)
-            _, cam = explain.explain_top_class(self.model, arr, layer, method or "gradcam")
+            label, set_line, best = self._answer(arr, k, coverage)
+            cam = explain.heatmaps(self.model.net, self.model.normalize(arr), [best], layer, method or "gradcam")
         return (label, explain.overlay(arr, cam, float(alpha), VIEW_SIZE)[0],
                 explain.upscale(arr, VIEW_SIZE)[0], set_line)
 
@@ -182,7 +183,7 @@ class RunApp:
         def known(v):
             return "?" if v is None else v
         epochs = "?" if r.epochs is None else f"{r.epochs:.2f}".rstrip("0").rstrip(".")
-        fitted = "" if self.model.detector is not None else f"  \n{NOT_FITTED.split(': ')[0]}"
+        fitted = "" if self.model.detector is not None else f"  \n{NO_STATS}"
         return (f"**Test accuracy: {acc}** on {known(r.test_images)} test images ({self.data_name})  \n"
                 f"model `{r.model or self.model.meta.get('model')}`, preset `{known(r.preset)}`, "
                 f"{epochs} epochs, {known(r.seconds)} s, seed {known(r.seed)}{fitted}")

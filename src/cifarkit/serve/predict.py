@@ -21,8 +21,8 @@ from ..trust import conformal
 from ..trust.ood import OODDetector
 from ..weights import Loaded, load
 
-NOT_FITTED = ("this model has no out-of-distribution statistics or prediction sets (trained before they were "
-              "stored): add them with `cifarkit calibrate RUN_DIR`")
+NO_STATS = "this model has no out-of-distribution statistics or prediction sets (trained before they were stored)"
+NOT_FITTED = f"{NO_STATS}: add them with `cifarkit calibrate RUN_DIR`"
 
 
 @dataclass

@@ -131,8 +131,8 @@ class Plan:
         if "schedule" in d:
             schedule = Schedule.from_dict(d["schedule"])
         else:
-            schedule = Schedule.of(cfg, int(d["steps_per_epoch"]), d["epochs"], int(d.get("low_res_epochs", 0)))
-            schedule.low_res = int(d.get("low_res", 0))
+            schedule = dataclasses.replace(Schedule.of(cfg, int(d["steps_per_epoch"]), d["epochs"]),
+                                           low_res=int(d.get("low_res", 0)), low_res_epochs=int(d.get("low_res_epochs", 0)))
         names = {f.name for f in dataclasses.fields(cls)} - {"schedule"}
         plan = cls(**{k: v for k, v in d.items() if k in names}, schedule=schedule)
         plan.step_seconds = {int(k): v for k, v in plan.step_seconds.items()}

@@ -32,15 +32,12 @@ class Schedule:
     lookahead_power: float        # the decay is scaled by (step / total) ** power
 
     @classmethod
-    def of(cls, cfg: TrainConfig, steps_per_epoch: int, epochs: float | None = None, low_res_epochs: int | None = None,
-           whiten_bias_epochs: int | None = None) -> "Schedule":
-        """The schedule of a resolved config (its epochs, or `epochs` as planned) at this many steps an
-        epoch; low-res epochs and the whitening bias as given, else as configured."""
-        low_res = cfg.augment.get("low_res", 0) if cfg.augment.get("low_res_epochs") else 0
+    def of(cls, cfg: TrainConfig, steps_per_epoch: int, epochs: float | None = None) -> "Schedule":
+        """The schedule of a resolved config (its epochs, or `epochs` as planned) at this many steps an epoch."""
+        low_epochs = cfg.augment.get("low_res_epochs", 0)
+        low_res = cfg.augment.get("low_res", 0) if low_epochs else 0
         return cls(steps_per_epoch, steps_of(cfg.epochs if epochs is None else epochs, steps_per_epoch),
-                   low_res, (cfg.augment.get("low_res_epochs", 0) if low_res_epochs is None else low_res_epochs)
-                   if low_res else 0,
-                   cfg.whiten_bias_epochs if whiten_bias_epochs is None else whiten_bias_epochs,
+                   low_res, low_epochs if low_res else 0, cfg.whiten_bias_epochs,
                    cfg.lookahead_every, cfg.lookahead_decay, cfg.lookahead_power)
 
     @property
