@@ -111,3 +111,40 @@ def test_an_upload_over_the_size_limit_is_one_line_in_the_page_and_never_sent(pa
     page.screenshot(path=str(shots / "upload-too-large.png"), full_page=True)
     page.remove_listener("request", note)
     assert not sent                                                     # refused before a byte was sent
+
+
+def test_a_blank_page_is_answered_none_of_these_in_the_browser(page, reported_run, tmp_path, shots):
+    """A blank page uploaded in the browser gets "not one of the 10 classes (looks least unlike: X)",
+    not a class. The run's threshold is set just under that page's score (this barely trained run's
+    detector is measured nowhere; the detectors of real runs are measured in BENCHMARKS.md)."""
+    import shutil
+
+    from PIL import Image
+
+    from cifarkit import load
+    from cifarkit.rundir import RunDir
+    from cifarkit.serve.app import launch
+    from cifarkit.weights import update_metadata
+    run = tmp_path / "run"
+    shutil.copytree(reported_run, run)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (200, 300), "white").save(blank)
+    model = load(run)
+    update_metadata(RunDir.open(run).weights_file, ood_threshold=repr(float(model.assess([blank]).ood_score[0]) - 1e-3))
+    top = model.classes[int(model.probabilities([blank])[0].argmax())]
+    port = free_port()
+    demo = launch(run, port=port, prevent_thread_lock=True, quiet=True)
+    other = page.context.browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        other.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        other.locator("#input-image input[type=file]").set_input_files(str(blank))
+        other.click("#classify")
+        answer = other.get_by_text(f"not one of the {len(model.classes)} classes", exact=False).first
+        answer.wait_for(timeout=60_000)
+        other.wait_for_selector("#overlay img", timeout=60_000)
+        assert f"(looks least unlike: {top})" in other.locator("#prediction").inner_text()
+        assert not any(f"{c}\n" in other.locator("#prediction").inner_text() for c in model.classes if c != top)
+        other.screenshot(path=str(shots / "none-of-these.png"), full_page=True)
+    finally:
+        other.close()
+        demo.close()

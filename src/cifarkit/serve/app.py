@@ -186,7 +186,7 @@ class RunApp:
         fitted = "" if self.model.detector is not None else f"  \n{NO_STATS}"
         return (f"**Test accuracy: {acc}** on {known(r.test_images)} test images ({self.data_name})  \n"
                 f"model `{r.model or self.model.meta.get('model')}`, preset `{known(r.preset)}`, "
-                f"{epochs} epochs, {known(r.seconds)} s, seed {known(r.seed)}{fitted}")
+                f"{epochs} epoch{'' if epochs == '1' else 's'}, {known(r.seconds)} s, seed {known(r.seed)}{fitted}")
 
 
 def _ui(fn):

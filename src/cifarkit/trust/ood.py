@@ -1,13 +1,16 @@
 """Out-of-distribution scores: "this is none of the classes".
 
-A score is higher the less an input looks like the training distribution. Five of the field's
+A score is higher the less an input looks like the training distribution. Six of the field's
 standard scores, each a few lines (the fitted ones checked against pytorch-ood in the tests):
 - msp: minus the maximum softmax probability (Hendrycks & Gimpel, 2017), the baseline;
 - maxlogit: minus the maximum logit (Hendrycks et al., 2022);
 - energy: minus logsumexp of the logits (Liu et al., 2020);
 - mahalanobis: the smallest Mahalanobis distance of the penultimate features to a class mean, with
   one covariance shared by the classes (Lee et al., 2018);
-- knn: the distance of the normalized features to their k-th nearest held-out neighbour (Sun et al., 2022).
+- knn: the distance of the normalized features to their k-th nearest held-out neighbour (Sun et al., 2022);
+- featnorm: minus the mean penultimate activation, that is the features' L1 norm over their number
+  (the feature-norm scores of Yu et al., 2023 and Park et al., 2023, which take the L2 norm): a net
+  trained on its classes fires less on anything else.
 The fitted statistics come from held-out images of the training distribution, never the test set,
 and the threshold keeps `keep` of them (95% by default): an input scoring above it is "none of these".
 The verdict never changes the predicted class.
@@ -76,6 +79,8 @@ def score(method: str, logits: torch.Tensor, features: torch.Tensor | None = Non
         return mahalanobis(features.float(), stats["means"], stats["precision"])
     if method == "knn":
         return knn(features.float(), stats["bank"])
+    if method == "featnorm":
+        return -features.float().mean(dim=1)
     raise CifarkitError(f"unknown out-of-distribution score '{method}'; choose one of: {', '.join(METHODS)}")
 
 
