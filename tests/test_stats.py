@@ -1,6 +1,6 @@
 """Numbers you can trust (trust/stats.py): intervals that cover the truth as often as they say,
 McNemar's exact test against the binomial by hand, the too-few-images rule, and the per-class
-numbers as results.json carries them."""
+numbers as results.json and the model card carry them."""
 import json
 from math import comb
 
@@ -145,6 +145,24 @@ def test_results_json_keeps_the_per_class_numbers_and_gives_them_back():
     assert [b.recall.text() for b in back] == [d.recall.text() for d in direct]
     assert back[3].recall.low is None and summary["per_class"]["min_images"] == stats.MIN_IMAGES
     assert summary["confusions"][0]["images"] >= summary["confusions"][-1]["images"]
+
+
+def test_the_model_card_shows_per_class_intervals_and_the_too_few_phrase(tmp_path):
+    from cifarkit.models import build_model
+    from cifarkit.serve.card import model_card
+    from cifarkit.weights import load, save_weights
+    classes = ["cat", "dog", "owl"]
+    save_weights(build_model("fast", 3), tmp_path / "model.safetensors", "fast", classes, [0.5] * 3, [0.25] * 3)
+    labels = np.array([0] * 50 + [1] * 50 + [2] * 6)
+    preds = labels.copy()
+    preds[:10] = 1
+    res = {"test_acc": 0.9, "data": "CIFAR-10", **stats.summary(labels, preds, classes, np.eye(3)[preds])}
+    text = str(model_card(load(tmp_path), res))
+    row = next(line for line in text.splitlines() if line.startswith("| cat |"))
+    assert "80.0% (95% CI" in row                                   # cat's recall: 40 of 50
+    assert "too few images (n=6) for an interval" in next(ln for ln in text.splitlines() if ln.startswith("| owl |"))
+    assert "cat as dog (10)" in text
+    assert "not measured" in str(model_card(load(tmp_path), {"test_acc": 0.9, "data": "CIFAR-10"}))
 
 
 def test_mean_and_sd_over_seeds():
