@@ -165,5 +165,24 @@ def test_the_model_card_shows_per_class_intervals_and_the_too_few_phrase(tmp_pat
     assert "not measured" in str(model_card(load(tmp_path), {"test_acc": 0.9, "data": "CIFAR-10"}))
 
 
+def test_calibrate_writes_the_per_class_numbers_after_its_temperature_into_results_json(tmp_path):
+    from cifarkit.models import build_model
+    from cifarkit.presets import TrainConfig
+    from cifarkit.rundir import RunDir
+    from cifarkit.trust.calibration import calibrate_run
+    from cifarkit.weights import save_weights
+    from conftest import CLASSES, make_image_folder
+    data = make_image_folder(tmp_path / "data", n_train=40, n_test=6)     # 160 training images, 24 test
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config(TrainConfig(data=str(data), dataset="folder", val_size=120, out=str(run.path)))
+    save_weights(build_model("fast", 4), run.weights_file, "fast", CLASSES[:4], [0.5] * 3, [0.25] * 3)
+    calibrate_run(run.path)                                                # an untrained net: any answers do
+    res = run.read_results()
+    assert list(res.per_class["classes"]) == CLASSES[:4] and res.temperature is not None
+    assert all(c["images"] == 6 and c["recall"]["low"] is None for c in res.per_class["classes"].values())
+    assert sum(c["images"] for c in res.confusions) <= 24
+
+
 def test_mean_and_sd_over_seeds():
     assert stats.mean_sd([0.90, 0.92, 0.94]) == (pytest.approx(0.92), pytest.approx(0.02))

@@ -181,7 +181,8 @@ def calibrate_run(run_dir, fit_logits=None, test_logits=None, ood_method: str | 
     from ..rundir import Results, RunDir
     from ..data.sources import load_arrays
     from ..weights import load, update_metadata
-    from . import conformal, ood, stats
+    from . import conformal, ood
+    from .stats import record as record_per_class
     run = RunDir.open(run_dir, need=("config", "weights"))
     arrays = load_arrays(*run.data_source())
     fit_idx, fitted_on = held_out(run, arrays)
@@ -211,7 +212,7 @@ def calibrate_run(run_dir, fit_logits=None, test_logits=None, ood_method: str | 
     res.ece_before, res.ece_after, res.nll_before, res.nll_after = (
         report.ece_before, report.ece_after, report.nll_before, report.nll_after)
     res.ood, res.coverage = report.ood, {str(k): v for k, v in report.coverage.items()}
-    stats.record(res, arrays.test_y, test_probs.numpy(), list(arrays.classes))  # per-class ECE after this T
+    record_per_class(res, arrays.test_y, test_probs.numpy(), list(arrays.classes))  # per-class ECE after this T
     run.write_results(res)
     return report
 
