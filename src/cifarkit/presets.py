@@ -131,7 +131,9 @@ class TrainConfig:
     eval_batch_size: int = setting(1000, "batch size of validation and test")
     drop_last: bool = setting(False, "drop each epoch's last, smaller training batch (fixed shapes: "
                                      "cudnn.benchmark and torch.compile plan once)")
-    compile: bool = setting(False, "torch.compile the net with static shapes (pays off on a GPU)")
+    compile: bool = setting(False, "torch.compile the net's training step with static shapes, before training "
+                                   "(inside a time budget; its seconds in results.json; where it cannot build, "
+                                   "a notice and an uncompiled run)")
     channels_last: bool = setting(True, "channels-last memory layout for the net and its inputs")
     check_every_steps: int = setting(1, "optimizer steps between reads of the device: the divergence "
                                         "check (and Ctrl-C under DDP); nothing waits on the host between")

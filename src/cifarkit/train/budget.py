@@ -216,10 +216,23 @@ def planned_config(cfg: TrainConfig, plan: Plan) -> TrainConfig:
 # -- measuring ------------------------------------------------------------------------------------
 
 
+def probe_fit(module, dm, trainer_kwargs: dict, probe: Schedule, callbacks: tuple = ()) -> None:
+    """`probe.total_steps` training steps of the run's own module, on one device, following `probe`
+    (its shape, image size and whitening), inside the module's `scratch()`: its weights, buffers and
+    metric states come back as they were."""
+    import lightning as L
+    trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
+                           "max_epochs": -1, "max_steps": probe.total_steps,
+                           "callbacks": list(callbacks), "devices": 1, "num_nodes": 1, "strategy": "auto",
+                           "limit_val_batches": 0, "enable_progress_bar": False,
+                           "enable_model_summary": False})
+    with module.scratch(schedule=probe), dm.augment.following(probe):
+        trainer.fit(module, datamodule=dm)
+
+
 def measure_steps(module, dm, trainer_kwargs: dict, schedule: Schedule, sizes: list[int]) -> dict:
     """Seconds per optimizer step at each image size, after a few untimed warm-up steps, on the run's
-    own module (on `schedule`'s shape, every step at that size) inside its `scratch()`: its weights,
-    buffers and metric states come back as they were."""
+    own module (on `schedule`'s shape, every step at that size; see probe_fit)."""
     import lightning as L
 
     class Clock(L.Callback):
@@ -235,13 +248,7 @@ def measure_steps(module, dm, trainer_kwargs: dict, schedule: Schedule, sizes: l
         probe = dataclasses.replace(schedule, total_steps=steps, low_res=size if low else 0,
                                     low_res_epochs=10**9 if low else 0)  # every step at this size
         clock = Clock()
-        trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
-                               "max_epochs": -1, "max_steps": steps,
-                               "callbacks": [clock], "devices": 1, "num_nodes": 1, "strategy": "auto",
-                               "limit_val_batches": 0, "enable_progress_bar": False,
-                               "enable_model_summary": False})
-        with module.scratch(schedule=probe), dm.augment.following(probe):
-            trainer.fit(module, datamodule=dm)
+        probe_fit(module, dm, trainer_kwargs, probe, (clock,))
         t = clock.times[WARMUP_STEPS:]
         out[size] = (t[-1] - t[0]) / (len(t) - 1)
     return out
