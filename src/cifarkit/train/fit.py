@@ -28,7 +28,7 @@ from ..models import MODELS, build_model, list_models
 from .module import LitClassifier
 from .schedule import Schedule
 from .trackers import check_tracker, log_results, record, tracker_loggers
-from ..presets import WHITEN_SAMPLE, TrainConfig, check_choices, resolve
+from ..presets import TrainConfig, check_choices, resolve
 from ..rundir import Results, RunDir, data_name
 from ..weights import save_weights
 
@@ -79,7 +79,7 @@ def build_module(cfg: TrainConfig, dm: CIFARDataModule) -> LitClassifier:
     def build(**kwargs):
         net = build_model(cfg.model, len(dm.classes), **{**cfg.model_kwargs, **kwargs})
         if hasattr(net, "init_from_data"):  # data-dependent init (the whitening stem)
-            net.init_from_data(dm.sample_images(WHITEN_SAMPLE))
+            net.init_from_data(dm.sample_images(cfg.whiten_images))
         return net.to(memory_format=torch.channels_last) if cfg.channels_last else net
     proxy = build(widths=cfg.proxy_widths) if cfg.proxy_keep else None
     return LitClassifier(build(), len(dm.classes), cfg, proxy)
@@ -135,6 +135,9 @@ def validate(cfg: TrainConfig) -> None:
         if cfg.devices not in ("auto", 1, [0]) or cfg.num_nodes > 1 or cfg.strategy not in ("auto", "single_device"):
             raise CifarkitError("--time-budget plans the schedule of one process; for several devices give "
                                 "--epochs (the plan of a one-device run, in its config.yaml, is a start)")
+    if cfg.muon_renorm_every < 1 or cfg.whiten_images < 1:
+        raise CifarkitError(f"--muon-renorm-every and --whiten-images must be >= 1, got {cfg.muon_renorm_every} "
+                            f"and {cfg.whiten_images}")
     if cfg.muon_lr < 0:
         raise CifarkitError(f"--muon-lr must be >= 0 (0 turns Muon off), got {cfg.muon_lr}")
     if cfg.muon_lr and cfg.lr == "auto":

@@ -236,7 +236,7 @@ class LitClassifier(L.LightningModule):
         hp = self.cfg
         if hp.muon_lr:
             return MuonSGD(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                           ns_steps=hp.muon_ns_steps)
+                           ns_steps=hp.muon_ns_steps, renorm_every=hp.muon_renorm_every)
         return torch.optim.SGD(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
 
     def configure_optimizers(self):
@@ -311,11 +311,14 @@ class LitClassifier(L.LightningModule):
 
     @torch.no_grad()
     def _lookahead(self, decay: float) -> None:
-        """ema <- decay * ema + (1 - decay) * w; then w <- ema (early: follow w, late: average)."""
+        """ema <- decay * ema + (1 - decay) * w; then w <- ema (early: follow w, late: average). With
+        weight_average 'ema' the weights go on alone, and become the average at the last step (decay 1)."""
+        take = self.cfg.weight_average == "lookahead" or decay == 1.0
         for k, w in self.net.state_dict().items():
             if w.dtype.is_floating_point:
                 self._ema[k].lerp_(w, 1 - decay)
-                w.copy_(self._ema[k])
+                if take:
+                    w.copy_(self._ema[k])
 
     def on_save_checkpoint(self, checkpoint):
         self._flush_lrs()  # metrics.csv holds every step the checkpoint holds
