@@ -179,6 +179,7 @@ def bench_module(name: str):
     """A script of bench/ imported as a module (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: a dataclass in it looks its module up there
     spec.loader.exec_module(module)
     return module
 

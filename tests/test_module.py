@@ -70,6 +70,30 @@ def test_lookahead_update_rule():
     assert torch.allclose(net.weight, 0.25 * w0)
 
 
+def test_an_ema_keeps_the_average_apart_until_the_last_step():
+    """weight_average 'ema': the same average as the lookahead's, but the weights go on alone until
+    the last step (decay 1), when the net becomes the average."""
+    net = nn.Linear(3, 2)
+    module = LitClassifier(net, 2, TrainConfig(lookahead=True, weight_average="ema"))
+    module._ema = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    w0 = net.weight.detach().clone()
+    module._lookahead(0.75)                           # ema = 0.25 w; the weights stay as they are
+    assert torch.allclose(module._ema["weight"], 0.25 * w0) and torch.equal(net.weight, w0)
+    module._lookahead(1.0)                            # the last step: the net takes the average
+    assert torch.allclose(net.weight, 0.25 * w0)
+
+
+def test_the_whitening_stem_is_fitted_on_the_configured_number_of_images(image_folder, monkeypatch):
+    from cifarkit.models import FastNet
+    from cifarkit.presets import preset_config
+    from cifarkit.train.fit import build_datamodule, build_module
+    seen = []
+    monkeypatch.setattr(FastNet, "init_from_data", lambda self, images: seen.append(tuple(images.shape)))
+    cfg = preset_config("fast", data=str(image_folder), val_size=8, whiten_images=17)
+    build_module(cfg, build_datamodule(cfg))
+    assert seen == [(17, 3, 32, 32)]
+
+
 class RecordLR(L.Callback):
     def __init__(self):
         self.lrs = []

@@ -67,3 +67,25 @@ def test_muon_takes_the_conv_filters_and_sgd_the_rest():
     assert sorted(placed) == sorted(id(p) for p in net.parameters() if p.requires_grad)  # each once
     plain = LitClassifier(net, 10, TrainConfig(lr=0.5, bias_lr_scale=4.0))._param_groups()
     assert not any(g.get("muon") for g in plain)
+
+
+def test_muon_renormalizes_the_filter_bank_every_few_steps_when_asked():
+    """renorm_every 3: the bank is brought to norm sqrt(out) before its 1st, 4th, 7th... step only
+    (momentum 0 and a zero gradient: the steps themselves move nothing)."""
+    w = nn.Parameter(torch.randn(32, 16, 3, 3) * 5)
+    opt = MuonSGD([dict(params=[w], muon=True)], lr=0.1, momentum=0.0, renorm_every=3)
+    norms = []
+    for step in range(1, 8):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+        norms.append(round(w.detach().norm().item() / 32 ** 0.5, 3))
+        with torch.no_grad():
+            w.mul_(2.0)                                           # drift the norm between steps
+    assert norms == [1.0, 2.0, 4.0, 1.0, 2.0, 4.0, 1.0]
+
+
+def test_a_renormalization_interval_below_one_is_one_line(capsys):
+    from cifarkit.cli import main
+    assert main(["train", "--muon-renorm-every", "0", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cifarkit: error: --muon-renorm-every and --whiten-images must be >= 1, got 0 and 5000"]

@@ -110,13 +110,20 @@ class TrainConfig:
     muon_lr: float = setting(0.0, "Muon step for conv filters, a fraction of their norm (0: SGD for them too)")
     muon_momentum: float = setting(0.6, "Muon's Nesterov momentum")
     muon_ns_steps: int = setting(3, "Newton-Schulz iterations orthogonalizing each Muon step")
+    muon_renorm_every: int = setting(1, "Muon's steps between renormalizations of each filter bank to norm "
+                                        "sqrt(out) (1: every step)")
     lookahead: bool = setting(False, "average the weights every few steps and copy the average back")
+    weight_average: str = setting("lookahead", "what becomes of the lookahead's average: lookahead copies it into "
+                                               "the weights at every update; ema keeps it apart until the last "
+                                               "step, when the net becomes it", choices=("lookahead", "ema"))
     lookahead_every: int = setting(5, "optimizer steps between lookahead updates")
     lookahead_decay: float = setting(0.95, "lookahead's EMA decay per 1,024 training examples "
                                            "(LOOKAHEAD_EXAMPLES)")
     lookahead_power: float = setting(3.0, "the decay is scaled by (step / total) ** power: early on "
                                           "the weights are followed, late they are averaged")
     whiten_bias_epochs: int = setting(0, "epochs the whitening stem's bias trains (fast net)")
+    whiten_images: int = setting(5000, "training images (seeded) whose 2x2-patch covariance initializes the "
+                                       "whitening stem (fast net)")
     proxy_keep: float = setting(0.0, "train the net on this hardest share of each batch, ranked by the loss of a "
                                      "small proxy net trained beside it (0: off; e.g. 0.5 with twice the batch)")
     proxy_widths: list = setting(help="channels of the proxy net's three conv groups (fast net)",
@@ -131,7 +138,9 @@ class TrainConfig:
     eval_batch_size: int = setting(1000, "batch size of validation and test")
     drop_last: bool = setting(False, "drop each epoch's last, smaller training batch (fixed shapes: "
                                      "cudnn.benchmark and torch.compile plan once)")
-    compile: bool = setting(False, "torch.compile the net with static shapes (pays off on a GPU)")
+    compile: bool = setting(False, "torch.compile the net's training step with static shapes, before training "
+                                   "(inside a time budget; its seconds in results.json; where it cannot build, "
+                                   "a notice and an uncompiled run)")
     channels_last: bool = setting(True, "channels-last memory layout for the net and its inputs")
     check_every_steps: int = setting(1, "optimizer steps between reads of the device: the divergence "
                                         "check (and Ctrl-C under DDP); nothing waits on the host between")
@@ -217,7 +226,6 @@ def check_choices(cfg: TrainConfig) -> None:
 # same accuracy as viewing all, in 17 s instead of 39 s). Measurements: BENCHMARKS.md.
 # Numbers every recipe shares, with their units.
 LOOKAHEAD_EXAMPLES = 1024  # training examples per which `lookahead_decay` is given (any batch size)
-WHITEN_SAMPLE = 5000       # training images whose 2x2-patch covariance initializes the whitening stem
 UNSURE_SHARE = 0.4         # share of test images under the fast recipe's threshold 0.7 (about a third,
                            # measured): what a time budget plans for the test-time views of the unsure
 LOW_RES_MAX_SHARE = 0.5    # at most this share of a run's epochs train on low-res images

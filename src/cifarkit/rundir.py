@@ -74,6 +74,9 @@ class Results:
     torch_version: str | None = None
     threads: int | None = None
     cpu_count: int | None = None
+    train_seconds: float | None = None    # wall-clock of training (trainer.fit: epochs, validation, checkpoints)
+    compiled: bool | None = None          # --compile: whether the training step ran compiled (None: not asked)
+    compile_seconds: float | None = None  # --compile: seconds torch.compile spent building (inside the budget)
     # calibration (`cifarkit calibrate`, run by `fit` at the end): T and where it was fitted, and the
     # test set's expected calibration error (15 bins) and NLL before and after it
     temperature: float | None = None

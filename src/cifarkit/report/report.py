@@ -205,29 +205,43 @@ def _label_issues(r: Report) -> None:
           f"Only as good as the model (single-view test accuracy {p.accuracy:.1%}): its confident mistakes look alike.")
 
 
-def _robustness(r: Report, n: int | None) -> None:
+def measure_robustness(run: RunDir, n: int | None = None, images=None, labels=None) -> robustness.RobustnessResult:
+    """The robustness table of a run's final weights: accuracy under every corruption and severity on
+    n test images (a seeded subsample; None: robustness.CPU_SUBSAMPLE on a CPU, all on a GPU), bf16
+    where the hardware runs it natively. images, labels: the test split, when already loaded."""
     import torch
 
     from ..weights import load
-    if not r.run.weights_file.is_file():
-        return  # the predictions part says so
-    model = load(r.run.path)
+    model = load(run.path)
     on_gpu = torch.cuda.is_available()
     model.net.to("cuda" if on_gpu else "cpu")
     if n is None:
         n = None if on_gpu else robustness.CPU_SUBSAMPLE  # the whole table in about a minute on 2 CPU cores
+    if images is None:
+        images, labels = analysis.load_test_split(run.path)
+    return robustness.evaluate(lambda b: model.probabilities(b, autocast=True), images, labels, n=n)
+
+
+def record_robustness(run: RunDir, res: robustness.RobustnessResult) -> None:
+    """Its mean corruption accuracy, and the images it was measured on, in the run's results.json."""
+    results = run.read_results()
+    if results is not None:
+        results.mean_corruption_accuracy, results.corruption_images = res.mean_corruption_accuracy, res.n
+        run.write_results(results)
+
+
+def _robustness(r: Report, n: int | None) -> None:
+    if not r.run.weights_file.is_file():
+        return  # the predictions part says so
     images, labels = analysis.load_test_split(r.run.path) if r.p is None else (r.p.images, r.p.labels)
-    res = robustness.evaluate(lambda b: model.probabilities(b, autocast=True), images, labels, n=n)
+    res = measure_robustness(r.run, n, images, labels)
     r.grids["Accuracy under corruptions"] = robustness.table_rows(res)
     r.tables["Results"].append(("mean corruption accuracy", f"{res.mean_corruption_accuracy:.4f}"))
     sample = " (a seeded subsample, the same for every point)" if res.n < len(labels) else ""
     r.add(robustness.robustness_figure(res), "robustness", "Robustness",
           "Test accuracy under six common corruptions at severities 1-5 (CIFAR-10-C's parameters, made on the fly), "
           f"on {res.n:,} test images{sample}; bf16 where the hardware runs it natively, {res.seconds:.0f} s.")
-    results = r.run.read_results()
-    if results is not None:
-        results.mean_corruption_accuracy, results.corruption_images = res.mean_corruption_accuracy, res.n
-        r.run.write_results(results)
+    record_robustness(r.run, res)
 
 
 def _write_pages(r: Report) -> None:

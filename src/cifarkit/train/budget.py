@@ -12,6 +12,13 @@ predicted from the average step time so far at each image size, and the remainin
 re-planned when it falls past the budget or more than 5% short of it (the one-cycle's anneal
 goes on from where it is; a re-plan in the low-res epochs sets how many there are from the new
 length, in the recipe's share). A resumed run re-plans its remaining steps to the budget that is left.
+
+The finish: in the last WINDOW of the budget (the low-res epochs done) the finish is predicted after
+every step, from the times of the last RECENT steps and the time measured between epochs, and the
+last step is moved whenever the prediction strays more than SLACK from the aim, MARGIN inside the
+budget. A machine that slows down or speeds up late in the run then still ends it within FINISH
+of its budget, either side (the test's own time is predicted, not re-planned: MARGIN is what it
+may run long or short).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import dataclasses
 import math
 import re
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,8 +36,14 @@ from ..errors import CifarkitError
 from ..presets import LOW_RES_MAX_SHARE, UNSURE_SHARE, TrainConfig
 from .schedule import Schedule
 
-MARGIN = 0.015       # of the budget kept in reserve against the clock's noise
-DRIFT = 0.035        # re-plan when the predicted finish is more than MARGIN + DRIFT (5%) short of the budget
+FINISH = 0.015       # a run ends within this share of its budget, either side
+MARGIN = FINISH / 2  # the plans aim the finish this share inside the budget: the middle of the FINISH
+                     # below it, so the test (predicted, after the last step) may run long or short
+DRIFT = 0.0425       # at an epoch end, re-plan when the predicted finish is more than MARGIN + DRIFT
+                     # (5%) short of the budget, or past it
+WINDOW = 0.10        # the last share of the budget, in which the finish is checked after every step
+SLACK = 0.0025       # there, re-plan when the predicted finish is this share of the budget off the aim
+RECENT = 20          # steps whose times predict the rest of the run in that window (at least 3)
 OVERRUN = 0.05       # a run this much past its budget says so, and why
 TIMED_STEPS = 6      # steps timed per image size, after WARMUP_STEPS untimed ones
 WARMUP_STEPS = 2
@@ -202,10 +216,23 @@ def planned_config(cfg: TrainConfig, plan: Plan) -> TrainConfig:
 # -- measuring ------------------------------------------------------------------------------------
 
 
+def probe_fit(module, dm, trainer_kwargs: dict, probe: Schedule, callbacks: tuple = ()) -> None:
+    """`probe.total_steps` training steps of the run's own module, on one device, following `probe`
+    (its shape, image size and whitening), inside the module's `scratch()`: its weights, buffers and
+    metric states come back as they were."""
+    import lightning as L
+    trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
+                           "max_epochs": -1, "max_steps": probe.total_steps,
+                           "callbacks": list(callbacks), "devices": 1, "num_nodes": 1, "strategy": "auto",
+                           "limit_val_batches": 0, "enable_progress_bar": False,
+                           "enable_model_summary": False})
+    with module.scratch(schedule=probe), dm.augment.following(probe):
+        trainer.fit(module, datamodule=dm)
+
+
 def measure_steps(module, dm, trainer_kwargs: dict, schedule: Schedule, sizes: list[int]) -> dict:
     """Seconds per optimizer step at each image size, after a few untimed warm-up steps, on the run's
-    own module (on `schedule`'s shape, every step at that size) inside its `scratch()`: its weights,
-    buffers and metric states come back as they were."""
+    own module (on `schedule`'s shape, every step at that size; see probe_fit)."""
     import lightning as L
 
     class Clock(L.Callback):
@@ -221,13 +248,7 @@ def measure_steps(module, dm, trainer_kwargs: dict, schedule: Schedule, sizes: l
         probe = dataclasses.replace(schedule, total_steps=steps, low_res=size if low else 0,
                                     low_res_epochs=10**9 if low else 0)  # every step at this size
         clock = Clock()
-        trainer = L.Trainer(**{**trainer_kwargs, "logger": False, "enable_checkpointing": False,
-                               "max_epochs": -1, "max_steps": steps,
-                               "callbacks": [clock], "devices": 1, "num_nodes": 1, "strategy": "auto",
-                               "limit_val_batches": 0, "enable_progress_bar": False,
-                               "enable_model_summary": False})
-        with module.scratch(schedule=probe), dm.augment.following(probe):
-            trainer.fit(module, datamodule=dm)
+        probe_fit(module, dm, trainer_kwargs, probe, (clock,))
         t = clock.times[WARMUP_STEPS:]
         out[size] = (t[-1] - t[0]) / (len(t) - 1)
     return out
@@ -259,10 +280,11 @@ def measure_eval(module, dm, precision: str):
 def budget_callback(plan: Plan, start: float):
     """A Lightning callback that re-plans the remaining steps: at the end of each epoch after which the
     predicted finish (from the average step time so far at each image size) is past the budget or
-    more than MARGIN + DRIFT short of it, and at the start of a resumed run (then from the
-    budget left when its checkpoint was written). A re-plan writes `plan.schedule` and nothing else
-    of the run (the module, augmentation and run guard read it); every checkpoint keeps the plan, so
-    a resumed run starts from the latest. Place it before the run guard in the trainer's callbacks."""
+    more than MARGIN + DRIFT short of it; after every step in the budget's last WINDOW (the finish,
+    from the last steps' times); and at the start of a resumed run (then from the budget left when
+    its checkpoint was written). A re-plan writes `plan.schedule` and nothing else of the run (the
+    module, augmentation and run guard read it); every checkpoint keeps the plan, so a resumed run
+    starts from the latest. Place it before the run guard in the trainer's callbacks."""
     import lightning as L
 
     class BudgetGuard(L.Callback):
@@ -270,6 +292,10 @@ def budget_callback(plan: Plan, start: float):
             self.epoch_start = self.last_end = None
             self.so_far: dict = {}  # image size -> [seconds, steps] of training so far, in this process
             self.resumed_spent: float | None = None  # the budget spent before an interruption
+            self.last_step: float | None = None  # when the latest step ended (perf_counter)
+            self.recent: deque = deque(maxlen=RECENT)  # seconds of the latest steps inside an epoch
+            self.between: float | None = None  # seconds between two epochs' steps (validation, checkpoint)
+            self.crossed = False  # an epoch started since the latest step
 
         def spent(self) -> float:  # of the budget, both sittings of a resumed run
             return time.time() - start + (self.resumed_spent or 0.0)
@@ -284,15 +310,59 @@ def budget_callback(plan: Plan, start: float):
 
         def on_train_start(self, trainer, pl_module) -> None:
             if self.resumed_spent is not None:  # a resumed run: what is left, from here
-                left = plan.budget - self.spent()
                 done = trainer.global_step
                 per_step = plan.epoch_seconds(False) / plan.steps_per_epoch
-                todo = max(1, int((left * (1 - MARGIN) - plan.test_seconds) / per_step))
+                todo = max(1, math.ceil((plan.budget * (1 - MARGIN) - self.spent() - plan.test_seconds) / per_step))
                 self._retarget(trainer, done + todo, "resumed with the budget left",
-                               plan.budget - left + todo * per_step + plan.test_seconds)
+                               self.spent() + todo * per_step + plan.test_seconds)
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self.epoch_start, self.epoch_steps = time.perf_counter(), trainer.global_step
+            self.crossed = self.last_step is not None
+
+        def in_window(self, trainer, elapsed: float) -> bool:
+            """In the budget's last WINDOW, every low-res step done: the finish check's to re-plan."""
+            if plan.low_res and plan.low_res_epochs * plan.steps_per_epoch > trainer.global_step:
+                return False
+            return plan.budget * (1 - MARGIN) - elapsed - plan.test_seconds <= WINDOW * plan.budget
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            now, last, self.last_step = time.perf_counter(), self.last_step, time.perf_counter()
+            if last is None:
+                return
+            if self.crossed:  # this step's time holds the epoch's end and the next one's start
+                self.crossed = False
+                self.between = max(0.0, now - last - (self.rate() or 0.0))
+            else:
+                self.recent.append(now - last)
+            self.finish_check(trainer)
+
+        def rate(self) -> float | None:
+            return sum(self.recent) / len(self.recent) if len(self.recent) >= 3 else None
+
+        def finish_check(self, trainer) -> None:
+            """In the window: the finish from the last steps' rate; off the aim by more than SLACK, the
+            fewest steps (at least one more) whose finish reaches the aim."""
+            done, elapsed, rate = trainer.global_step, self.spent(), self.rate()
+            if rate is None or done >= plan.total_steps or not self.in_window(trainer, elapsed):
+                return
+            spe, epoch = plan.steps_per_epoch, trainer.current_epoch
+            between = plan.val_seconds if self.between is None else self.between
+            aim = plan.budget * (1 - MARGIN)
+
+            def finish_at(total):  # the epoch ends still to come (this one's too) cost `between` each
+                return elapsed + (total - done) * rate + (math.ceil(total / spe) - epoch) * between + plan.test_seconds
+
+            finish = finish_at(plan.total_steps)
+            if abs(finish - aim) <= SLACK * plan.budget:
+                return
+            total = done + 1
+            for _ in range(3):  # the epoch ends depend on the length: settle it
+                ends = math.ceil(total / spe) - epoch
+                total = done + max(1, math.ceil((aim - elapsed - plan.test_seconds - ends * between) / rate - 1e-9))
+            planned = plan.step_seconds[max(plan.step_seconds)]
+            self._retarget(trainer, total, f"the finish: the last steps ran at {rate / planned:.0%} of the planned "
+                                           f"step time (predicted finish {finish:.0f} s)", finish_at(total))
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             now, last_end, self.last_end = time.perf_counter(), self.last_end, time.perf_counter()
@@ -314,6 +384,8 @@ def budget_callback(plan: Plan, start: float):
 
             full, spe, done = max(plan.step_seconds), plan.steps_per_epoch, trainer.global_step
             elapsed = self.spent()
+            if self.in_window(trainer, elapsed):
+                return  # the finish check re-plans from here, from the latest steps
 
             def finish_at(total, low_epochs):  # a run of `total` steps, the first `low_epochs` epochs low-res
                 low_left = max(0, min(total, low_epochs * spe) - done)
@@ -331,7 +403,8 @@ def budget_callback(plan: Plan, start: float):
             low_left = max(0, low_epochs * spe - done)
             if low_left:
                 left -= low_left * per_step(plan.low_res)
-            total = done + low_left + max(1, int(left / per_step(full)))
+            # the fewest whole steps whose finish reaches the aim, as the first plan
+            total = done + low_left + max(1, math.ceil(left / per_step(full) - 1e-9))
             expected, measured = plan.step_seconds[size], so_far[0] / so_far[1]
             plan.step_seconds[size] = measured
             self._retarget(trainer, total, f"{'low-res' if low else 'full-size'} steps so far ran at "
@@ -349,7 +422,9 @@ def budget_callback(plan: Plan, start: float):
             plan.replanned.append([trainer.global_step, before, total, why])
             plan.finish = finish
             schedule.total_steps = total
-            log.info(f"time budget: re-planned to {total} steps ({plan.epochs:.2f} epochs): {why}")
+            # the finish's small moves, a few steps each, only with --verbose (the record keeps them all)
+            say = log.debug if why.startswith("the finish") else log.info
+            say(f"time budget: re-planned to {total} steps ({plan.epochs:.2f} epochs): {why}")
 
     return BudgetGuard()
 

@@ -17,6 +17,7 @@ from ..data.augment import Augment
 from .budget import (Plan, budget_callback, measure_eval, measure_steps, overrun_notice, parse_budget,
                      plan_schedule, planned_config, views_per_image)
 from ..trust.calibration import TRAIN_SLICE, calibrate_after_training
+from .compiling import CompileClock, compile_up_front
 from .checkpoints import (DISK_ERRNOS, AtomicCheckpointIO, LastCheckpoint, MetricsLogger, RunGuard,
                           check_checkpoint, disk_error, remove_partial_checkpoints)
 from ..console import lightning_bar, log
@@ -27,7 +28,7 @@ from ..models import MODELS, build_model, list_models
 from .module import LitClassifier
 from .schedule import Schedule
 from .trackers import check_tracker, log_results, record, tracker_loggers
-from ..presets import WHITEN_SAMPLE, TrainConfig, check_choices, resolve
+from ..presets import TrainConfig, check_choices, resolve
 from ..rundir import Results, RunDir, data_name
 from ..weights import save_weights
 
@@ -78,7 +79,7 @@ def build_module(cfg: TrainConfig, dm: CIFARDataModule) -> LitClassifier:
     def build(**kwargs):
         net = build_model(cfg.model, len(dm.classes), **{**cfg.model_kwargs, **kwargs})
         if hasattr(net, "init_from_data"):  # data-dependent init (the whitening stem)
-            net.init_from_data(dm.sample_images(WHITEN_SAMPLE))
+            net.init_from_data(dm.sample_images(cfg.whiten_images))
         return net.to(memory_format=torch.channels_last) if cfg.channels_last else net
     proxy = build(widths=cfg.proxy_widths) if cfg.proxy_keep else None
     return LitClassifier(build(), len(dm.classes), cfg, proxy)
@@ -134,6 +135,9 @@ def validate(cfg: TrainConfig) -> None:
         if cfg.devices not in ("auto", 1, [0]) or cfg.num_nodes > 1 or cfg.strategy not in ("auto", "single_device"):
             raise CifarkitError("--time-budget plans the schedule of one process; for several devices give "
                                 "--epochs (the plan of a one-device run, in its config.yaml, is a start)")
+    if cfg.muon_renorm_every < 1 or cfg.whiten_images < 1:
+        raise CifarkitError(f"--muon-renorm-every and --whiten-images must be >= 1, got {cfg.muon_renorm_every} "
+                            f"and {cfg.whiten_images}")
     if cfg.muon_lr < 0:
         raise CifarkitError(f"--muon-lr must be >= 0 (0 turns Muon off), got {cfg.muon_lr}")
     if cfg.muon_lr and cfg.lr == "auto":
@@ -306,7 +310,8 @@ def _start_block(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, r
 
 
 def _write_results(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, trainer: L.Trainer,
-                   test: dict, run: RunDir, start: float, resumed_step: int | None, plan: Plan | None) -> None:
+                   test: dict, run: RunDir, start: float, resumed_step: int | None, plan: Plan | None,
+                   timing: dict) -> None:
     save_weights(module.net, run.weights_file, cfg.model, dm.classes, dm.mean, dm.std,
                  cfg.model_kwargs, extra={"test_acc": f"{test['test_acc']:.4f}"})
     run.write_results(Results(
@@ -319,7 +324,7 @@ def _write_results(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier,
         precision=trainer_kwargs(cfg)["precision"], world_size=trainer.world_size,
         resumed_from_step=resumed_step, time_budget=parse_budget(cfg.time_budget) if cfg.time_budget else None,
         plan=plan.to_dict() if plan is not None else None, cifarkit_version=__version__, torch_version=torch.__version__,
-        threads=torch.get_num_threads(), cpu_count=os.cpu_count()))
+        threads=torch.get_num_threads(), cpu_count=os.cpu_count(), **timing))
 
 
 def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) -> RunDir:
@@ -346,10 +351,12 @@ def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) ->
             run.path.rmdir()  # nothing was written: leave no empty run behind
         raise
     ckpt, resumed_step = _resume_point(run, cfg, dm, follower) if resume else (None, None)
-    with _disk_errors(run):
+    with _disk_errors(run), CompileClock() as compiling:
         if not follower:
             remove_partial_checkpoints(run.checkpoints)
         module = build_module(cfg, dm)
+        if module.compiled:  # before anything is measured or trained: a budget counts it as spent
+            compile_up_front(module, dm, trainer_kwargs(cfg), Schedule.of(cfg, dm.steps_for(1)))
         module.lr = _peak_lr(cfg, dm, module, run, follower)
         plan = _plan(cfg, dm, module, clock, resume) if cfg.time_budget else None
         if plan is not None:
@@ -359,12 +366,16 @@ def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) ->
             run.write_config(cfg)  # once, after planning: what a replay or a resume starts from
         if not follower:
             _start_block(cfg, dm, module, run, trainer)
+        training = time.time()
         with guard.catching_sigint(), _shared_with_ranks(run):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         fitted = time.time()
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
         if trainer.is_global_zero:
-            _write_results(cfg, dm, module, trainer, test, run, start, resumed_step, plan)
+            timing = dict(train_seconds=round(fitted - training, 1),
+                          compiled=module.compiled if cfg.compile else None,
+                          compile_seconds=round(compiling.seconds, 1) if cfg.compile else None)
+            _write_results(cfg, dm, module, trainer, test, run, start, resumed_step, plan, timing)
             # T in the weights' metadata: predictions are calibrated (from this run's own logits)
             calibrate_after_training(run, *_held_out_and_test_logits(module, trainer))
             record(run, trainer.loggers)

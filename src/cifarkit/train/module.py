@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..console import log
 from .optim import MuonSGD
 from .schedule import Schedule
 from ..presets import TrainConfig
@@ -111,11 +112,27 @@ class LitClassifier(L.LightningModule):
         self._lookahead_on = cfg.lookahead
         self._lrs: list[tuple[int, float]] = []  # (step, lr) not yet handed to the loggers
         self.plain_logits: dict[str, list[torch.Tensor]] = {"val": [], "test": []}  # single-view, in order
-        # static shapes; kept out of the module's children so checkpoints hold the plain net
-        object.__setattr__(self, "_net", torch.compile(net, dynamic=False) if cfg.compile else net)
+        # the training step's net: compiled with static shapes (--compile; see compiling.py), kept out
+        # of the module's children so checkpoints hold the plain net
+        object.__setattr__(self, "_net", net)
+        if cfg.compile:
+            try:
+                object.__setattr__(self, "_net", torch.compile(net, dynamic=False))
+            except RuntimeError as exc:  # torch.compile refuses up front, e.g. on a Python it does not support
+                self.uncompile(exc)
 
     def forward(self, x):
         return self.net(x)
+
+    @property
+    def compiled(self) -> bool:
+        return self._net is not self.net
+
+    def uncompile(self, exc: Exception) -> None:
+        """Train the plain net: torch.compile cannot build here (said in one line)."""
+        object.__setattr__(self, "_net", self.net)
+        why = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        log.warning(f"notice: --compile: torch.compile cannot build here ({why[:200]}); training uncompiled")
 
     def record(self, cfg: TrainConfig, schedule: Schedule) -> None:
         """The run's resolved config and schedule, once planned: what every checkpoint's hyperparameters
@@ -171,10 +188,12 @@ class LitClassifier(L.LightningModule):
         self._lrs.clear()
 
     def _eval_step(self, batch, stage: str, metric, tta: int):
+        # the plain net, compiled or not: a pass over the test set never repays an eval-mode compile,
+        # whose time would fall after the budget's plan, and whose shapes vary with the unsure views
         x, y = batch
-        plain = self._net(x)                                     # (B, K)
+        plain = self.net(x)                                      # (B, K)
         self.plain_logits[stage].append(plain.detach().float())  # for calibration: no second pass
-        logits = tta_logits(self._net, x, tta, self.cfg.tta_threshold, plain)
+        logits = tta_logits(self.net, x, tta, self.cfg.tta_threshold, plain)
         metric(logits, y)
         self.log(f"{stage}_loss", F.cross_entropy(logits.float(), y), on_epoch=True, sync_dist=True)
         self.log(f"{stage}_acc", metric, on_epoch=True, prog_bar=True)
@@ -217,7 +236,7 @@ class LitClassifier(L.LightningModule):
         hp = self.cfg
         if hp.muon_lr:
             return MuonSGD(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                           ns_steps=hp.muon_ns_steps)
+                           ns_steps=hp.muon_ns_steps, renorm_every=hp.muon_renorm_every)
         return torch.optim.SGD(groups, lr=self.lr, momentum=hp.momentum, nesterov=hp.nesterov)
 
     def configure_optimizers(self):
@@ -292,11 +311,14 @@ class LitClassifier(L.LightningModule):
 
     @torch.no_grad()
     def _lookahead(self, decay: float) -> None:
-        """ema <- decay * ema + (1 - decay) * w; then w <- ema (early: follow w, late: average)."""
+        """ema <- decay * ema + (1 - decay) * w; then w <- ema (early: follow w, late: average). With
+        weight_average 'ema' the weights go on alone, and become the average at the last step (decay 1)."""
+        take = self.cfg.weight_average == "lookahead" or decay == 1.0
         for k, w in self.net.state_dict().items():
             if w.dtype.is_floating_point:
                 self._ema[k].lerp_(w, 1 - decay)
-                w.copy_(self._ema[k])
+                if take:
+                    w.copy_(self._ema[k])
 
     def on_save_checkpoint(self, checkpoint):
         self._flush_lrs()  # metrics.csv holds every step the checkpoint holds

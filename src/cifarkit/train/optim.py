@@ -4,7 +4,9 @@ Muon (Jordan et al., 2024) replaces a filter bank's momentum-smoothed gradient (
 read as the matrix (out, in*k*k), by its nearest semi-orthogonal matrix, found by a few Newton-Schulz
 iterations: every direction of the update moves by the same amount. `torch.optim.Muon` takes 2-D
 parameters only, hence this class. Every conv here feeds a BatchNorm, so a filter bank's scale is
-free: it is held at norm sqrt(out) and the step is a fixed fraction of it (no weight decay needed).
+free: it is held at norm sqrt(out) (renormalized before its step, every step or every few: a few
+Muon steps of a fixed size move the norm little) and the step is a fixed fraction of it (no weight
+decay needed).
 Groups with `muon=True` get that update; the others are plain SGD (momentum, Nesterov, coupled decay).
 """
 from __future__ import annotations
@@ -30,9 +32,9 @@ def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.T
 
 class MuonSGD(torch.optim.Optimizer):
     def __init__(self, param_groups: list[dict], lr: float, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 3):
+                 weight_decay: float = 0.0, ns_steps: int = 3, renorm_every: int = 1):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        muon=False, ns_steps=ns_steps)
+                        muon=False, ns_steps=ns_steps, renorm_every=renorm_every)
         super().__init__(param_groups, defaults)
 
     @torch.no_grad()
@@ -57,6 +59,8 @@ class MuonSGD(torch.optim.Optimizer):
         buf = state["momentum_buffer"].mul_(mu).add_(g)
         g = g.add(buf, alpha=mu) if group["nesterov"] else buf
         if group["muon"]:
-            p.mul_(len(p) ** 0.5 / p.norm())                                  # norm sqrt(out)
+            state["step"] = state.get("step", 0) + 1
+            if (state["step"] - 1) % group["renorm_every"] == 0:             # its 1st, then every renorm_every-th
+                p.mul_(len(p) ** 0.5 / p.norm())                              # norm sqrt(out)
             g = orthogonalize(g.reshape(len(g), -1), group["ns_steps"]).view_as(p)
         p.add_(g, alpha=-group["lr"])
