@@ -50,6 +50,7 @@ class Results:
     """results.json. Older files lack some keys (None here); unknown keys are kept in `extra`."""
     test_acc: float | None = None
     test_loss: float | None = None
+    val_acc: float | None = None          # the last validation's accuracy (a sweep's trials are judged by it)
     epochs: float | None = None
     steps: int | None = None
     seconds: float | None = None
