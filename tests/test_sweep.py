@@ -81,6 +81,12 @@ def test_an_empty_or_missing_space_file_is_one_line(tmp_path):
         load_space(tmp_path / "bad.yaml", FAST)
 
 
+def test_numbers_that_yaml_reads_as_words_are_numbers(tmp_path):
+    (tmp_path / "space.yaml").write_text("weight_decay: {low: 1e-4, high: 1e-2, log: true}\nlr: [3e-1, 0.5]\n")
+    space = load_space(tmp_path / "space.yaml", FAST)
+    assert space.to_dict() == {"weight_decay": {"low": 1e-4, "high": 1e-2, "log": True}, "lr": [0.3, 0.5]}
+
+
 def test_a_key_of_a_dict_setting_is_set_and_the_rest_of_it_kept():
     space = parse_space({"augment.pad": [0, 4], "model_kwargs.bn_momentum": {"low": 0.2, "high": 0.6}}, FAST)
     cfg = space.apply(FAST, {"augment.pad": 4, "model_kwargs.bn_momentum": 0.3})
@@ -211,7 +217,7 @@ def test_joining_with_another_space_preset_or_recipe_is_one_line(tmp_path):
         fake = FakeTrainer(FakeClock())
         with pytest.raises(CifarkitError, match=message) as info:
             sweep(tmp_path, budget="1h", fake=fake, **kw)
-        assert "\n" not in str(info.value) and fake.trials == []
+        assert "\n" not in str(info.value) and fake.trials == [] and fake.measured == 0  # before anything runs
 
 
 def test_an_unreachable_database_is_one_line_without_its_password():

@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "images and tested once; a report and the best setting as config.yaml")
     add_config_flags(p, skip=("time_budget", "out"))
     p.set_defaults(out=None, time_budget=None)  # the recipe's own: a trial's are the sweep's to set
-    p.add_argument("--time-budget", dest="sweep_budget",
+    p.add_argument("--time-budget", dest="sweep_budget", metavar="TIME",
                    help="the whole sweep's time, from the start of the command: the trials, the final training "
                         "and its test (90m, 1h, 2h30m)")
     p.add_argument("--space", metavar="FILE.yaml", help="the search space: TrainConfig settings with ranges "
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "such as postgresql://user@host/db (several machines); default DIR/study.journal")
     p.add_argument("--study", metavar="NAME", help="the study's name, the same on every worker (default sweep; "
                                                    "needed with --storage)")
-    p.add_argument("--trial-budget", help="each trial's time (default: the recipe's own length here, at most a "
+    p.add_argument("--trial-budget", metavar="TIME", help="each trial's time (default: the recipe's own length here, at most a "
                                           "fifth of the budget; a study keeps the one it was created with)")
     p.set_defaults(func=cmd_sweep)
 

@@ -27,6 +27,7 @@ PLOTS = {  # SweepDir.FIGURES -> (Optuna's matplotlib function, title)
     "importances": ("plot_param_importances", "Parameter importances"),
     "parallel": ("plot_parallel_coordinate", "Parallel coordinates"),
 }
+LEGEND_MOST = 12  # trials named in a plot's legend; beyond, the table names them
 COLUMNS = ["trial", "state", "val accuracy", "epochs", "planned epochs", "pruned after epoch", "budget",
            "seconds", "worker"]
 
@@ -55,7 +56,14 @@ def _figure(study, name: str, out: Path) -> str | None:
             ax = getattr(plots, function)(study)
         except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
             return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+    first = ax.flat[0] if hasattr(ax, "flat") else ax
+    if name == "intermediate":  # Optuna's steps are our epochs; a legend of every trial says nothing
+        first.set(xlabel="epoch", ylabel="validation accuracy")
+        if first.get_legend() is not None and len(study.trials) > LEGEND_MOST:
+            first.get_legend().remove()
+    elif name == "history":
+        first.set_ylabel("validation accuracy")
+    fig = first.figure
     fig.set_size_inches(9, 5)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)

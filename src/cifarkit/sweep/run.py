@@ -168,16 +168,17 @@ def _sweep(base, budget, out, space, storage, study_name, trial_budget, trainer,
     store = studies.open_storage(where, heartbeat)
     name = study_name or "sweep"
     deadline = start + total * (1 - RESERVE)
+    known = studies.known_budget(store, name, base, space)  # a study to join: its settings first
+    if known is not None and asked is not None and abs(asked - known) > 0.5:
+        log.warning(f"notice: study '{name}' runs trials of {format_seconds(known)}; --trial-budget is ignored")
 
     cost = trainer.measure(base)
     log.info(f"sweep: a training here starts in {cost.startup:.0f} s, an epoch takes {cost.epoch:.0f} s and the "
              f"recipe's own length {format_seconds(cost.recipe)}")
-    seconds = plan_trials(total, clock() - start, cost, asked)
+    seconds = plan_trials(total, clock() - start, cost, known if known is not None else asked)
     study, seconds, created = studies.open_study(store, name, base, space, seconds, pruner(), seed)
-    if not created:
-        plan_trials(total, clock() - start, cost, seconds)  # the study's trials must fit this worker's budget too
-        if asked is not None and abs(asked - seconds) > 0.5:
-            log.warning(f"notice: study '{name}' runs trials of {format_seconds(seconds)}; --trial-budget is ignored")
+    if not created and known is None:  # created by another worker meanwhile: its trials must fit here too
+        plan_trials(total, clock() - start, cost, seconds)
     final_seconds = seconds + cost.test
     atomic_write(sweep.space_file, space.to_yaml_text())
     log.info(f"sweep: study '{name}' in {studies.shown(where)} ({'new' if created else 'joined'}), trials of "

@@ -162,6 +162,11 @@ def _keys(field_name: str, cfg: TrainConfig) -> set[str]:
 
 
 def _number(value: Any, what: str, where: str) -> float:
+    if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a word
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise CifarkitError(f"{where}: {what} must be a number, got {value!r}")
     return value
@@ -175,6 +180,8 @@ def _param(name: str, spec: Any, typ: Any, where: str) -> Param:
             raise CifarkitError(f"{where}: '{name}' has an empty list of values: give at least one")
         if any(not isinstance(v, (bool, int, float, str)) or v is None for v in spec):
             raise CifarkitError(f"{where}: the values of '{name}' must be numbers, words or true/false, got {spec}")
+        if numeric:
+            spec = [_number(v, f"a value of '{name}'", where) for v in spec]
         if len(set(map(repr, spec))) != len(spec):
             raise CifarkitError(f"{where}: '{name}' lists a value twice: {spec}")
         return Param(name, choices=tuple(spec), integer=integer)

@@ -176,6 +176,15 @@ def open_study(storage, name: str, cfg: TrainConfig, space: Space, trial_budget:
     return study, trial_budget, True
 
 
+def known_budget(storage, name: str, cfg: TrainConfig, space: Space) -> float | None:
+    """The trials' budget of study `name` when it exists (checked against this worker's recipe and
+    space, before anything is measured), or None for a study still to be created."""
+    opt = optuna()
+    if name not in opt.get_all_study_names(storage):
+        return None
+    return _join(opt.load_study(storage=storage, study_name=name), name, cfg, space)
+
+
 def _join(study, name: str, cfg: TrainConfig, space: Space) -> float:
     """The study's trial budget, once its settings are known to match this worker's."""
     deadline = time.monotonic() + JOIN_WAIT
