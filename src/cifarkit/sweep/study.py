@@ -19,6 +19,7 @@ claim then records where its run is and, when tested, its test accuracy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -40,6 +41,7 @@ RECIPE, SPACE, TRIAL_BUDGET = "cifarkit.recipe", "cifarkit.space", "cifarkit.tri
 # settings a worker may have of its own: where the data and the outputs are, the machine it runs on
 OWN_SETTINGS = {"data", "data_name", "out", "accelerator", "devices", "num_nodes", "strategy", "num_workers",
                 "logger", "time_budget", "plan", "precision", "compile", "check_every_steps", "eval_batch_size"}
+CONNECT_TIMEOUT = 15  # seconds a database server has to answer
 JOIN_WAIT = 10.0      # seconds a joining worker waits for the creator to record the study's settings
 
 
@@ -75,6 +77,7 @@ def shown(where: str) -> str:
         return where.split("://", 1)[0] + "://..."
 
 
+@functools.cache
 def _journal_class():
     from optuna.storages import JournalStorage
     from optuna.storages._heartbeat import BaseHeartbeat
@@ -137,11 +140,14 @@ def _database(url: str, heartbeat: int, tries: int = 5):
     tables: the ones that lose find them made, a moment later."""
     from optuna.storages import RDBStorage
     from sqlalchemy.exc import IntegrityError, ProgrammingError
+    engine = {"pool_pre_ping": True}
+    if url.startswith(("postgresql", "mysql")):  # a host that does not answer: one line, not minutes of silence
+        engine["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
     for attempt in range(tries):
         try:
             with _quiet():
                 return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=GRACE * heartbeat,
-                                  engine_kwargs={"pool_pre_ping": True})
+                                  engine_kwargs=engine)
         except (IntegrityError, ProgrammingError):
             if attempt == tries - 1:
                 raise
