@@ -60,6 +60,9 @@ def test_training_ends_calibrated_on_its_validation_split_and_calibrate_repeats_
     assert main(["calibrate", str(tiny_run)]) == 0        # fits on raw logits: the same T, not T squared
     assert "temperature" in capsys.readouterr().out
     assert load(tiny_run).temperature == pytest.approx(res["temperature"], rel=1e-6)
+    per_class = json.loads((tiny_run / "results.json").read_text())["per_class"]["classes"]
+    assert len(per_class) == 10 and all(c["images"] == 1000 and c["recall"]["low"] is not None
+                                        for c in per_class.values())
 
 
 def test_a_run_without_validation_split_is_calibrated_on_training_images_and_says_so(toy_run, tmp_path):

@@ -108,7 +108,7 @@ def _stored_model(tmp_path, method="mahalanobis"):
     return path, held
 
 
-@pytest.mark.parametrize("method", ["mahalanobis", "knn", "energy", "featnorm"])
+@pytest.mark.parametrize("method", ["mahalanobis", "knn", "energy", "featnorm", "energynorm"])
 def test_a_stored_detector_gives_the_verdict_and_never_changes_the_class(tmp_path, method):
     from cifarkit import load
     path, held = _stored_model(tmp_path, method)

@@ -208,7 +208,11 @@ def cmd_compare(args):
     from .report.compare import compare, write_comparison
     if args.n < 1:
         raise CifarkitError(f"--n must be at least 1, got {args.n}")
-    print(f"comparison: {write_comparison(compare(args.run_dirs), args.out, args.n)}")
+    c = compare(args.run_dirs)
+    page = write_comparison(c, args.out, args.n)
+    for sentence in c.verdicts():
+        print(sentence)
+    print(f"comparison: {page}")
 
 
 def cmd_calibrate(args):
@@ -379,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit)
 
     p = command("compare", help="runs side by side: settings, results, curves, per-class accuracy, "
-                             "the test images one gets right and the other wrong")
+                             "which differences are beyond chance (McNemar, bootstrap intervals, spread "
+                             "over seeds), the test images one gets right and the other wrong")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="output directory for index.html and its figures")
     p.add_argument("--n", type=int, default=16, help="images per 'one right, the other wrong' grid")

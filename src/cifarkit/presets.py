@@ -221,8 +221,8 @@ WHITEN_SAMPLE = 5000       # training images whose 2x2-patch covariance initiali
 UNSURE_SHARE = 0.4         # share of test images under the fast recipe's threshold 0.7 (about a third,
                            # measured): what a time budget plans for the test-time views of the unsure
 LOW_RES_MAX_SHARE = 0.5    # at most this share of a run's epochs train on low-res images
-OOD_METHODS = ("msp", "maxlogit", "energy", "mahalanobis", "knn", "featnorm")  # trust/ood.py's scores
-OOD_DEFAULT = "energy"     # the score "none of these" is decided by: the best measured (BENCHMARKS.md)
+OOD_METHODS = ("msp", "maxlogit", "energy", "mahalanobis", "knn", "featnorm", "energynorm")  # trust/ood.py's scores
+OOD_DEFAULT = "energynorm" # the score "none of these" is decided by: the best measured (BENCHMARKS.md)
 OOD_KEEP = 0.95            # share of held-out images of the training distribution its threshold keeps
 
 FAST = dict(

@@ -4,7 +4,8 @@
     metrics.csv        per-epoch train/val loss and accuracy, per-step lr, test at the end
     checkpoints/       last.ckpt (resume) and best.ckpt (by validation accuracy)
     model.safetensors  final weights + metadata (model, classes, mean/std, input size)
-    results.json       test accuracy and loss, seconds, the recipe, the data, the machine
+    results.json       test accuracy and loss, seconds, the recipe, the data, the machine; calibration,
+                       per-class statistics and top confusions once calibrated
     lr_find.json/.png  when the LR range test ran
     gallery.npz        test images and predictions the app shows (written by the report)
     examples/          one test image per class (written by the report)
@@ -100,6 +101,11 @@ class Results:
     # test images each setting was measured on
     mean_corruption_accuracy: float | None = None
     corruption_images: int | None = None
+    # per class on the test set (trust/stats.py; written by calibrate and refreshed by the report):
+    # precision, recall and F1 with bootstrap intervals, the ECE within the class after T; and the
+    # most frequent (true, predicted) confusions
+    per_class: dict | None = None
+    confusions: list | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod

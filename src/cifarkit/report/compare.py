@@ -4,7 +4,11 @@ compare() returns the data (the settings that differ, the results, each run's cu
 accuracy and test predictions); the figure functions draw it; write_comparison() is the one that
 saves: a page that needs nothing but its folder (index.html and its PNGs, no script, nothing
 fetched), naming runs and data, never a path of this machine.
-Runs of different models and presets compare; runs tested on different test images do not.
+Whether a difference is beyond chance (trust/stats.py): the first run against each other, on the
+same test images, by McNemar's exact test and a paired bootstrap interval, over all images and per
+class; runs of one recipe with different seeds also give that recipe's spread over seeds.
+Runs of different models and presets compare; runs tested on different test images, or with
+different class lists, do not.
 """
 from __future__ import annotations
 
@@ -19,9 +23,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..errors import CifarkitError
+from ..presets import TrainConfig
 from ..rundir import Results, RunDir
+from ..trust import stats
 
 HIDDEN = {"out", "data"}   # always differ or name a path: the data is shown by name instead
+# settings that do not make another recipe: the seed, where the run and its data lie, the machine
+NOT_RECIPE = HIDDEN | {"seed", "data_name"} | {
+    f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("machine")}
 SHOWN = 16                 # images per direction in a "one right, the other wrong" grid
 
 
@@ -36,6 +45,9 @@ class Comparison:
     labels: np.ndarray                          # (N,)
     probs: np.ndarray                           # (R, N, K) calibrated test probabilities per run
     per_class: np.ndarray                       # (R, K) single-view test accuracy per class
+    recipes: list[str] = dataclasses.field(default_factory=list)   # per run: its settings but the seed
+    seeds: list[int | None] = dataclasses.field(default_factory=list)
+    _differences: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def preds(self) -> np.ndarray:
@@ -46,27 +58,77 @@ class Comparison:
         idx = np.flatnonzero((self.preds[a] == self.labels) & (self.preds[b] != self.labels))
         return idx[np.argsort(-self.probs[b, idx].max(1), kind="stable")]
 
+    def difference(self, a: int, b: int) -> tuple[stats.Difference, list[stats.Difference]]:
+        """Run b's single-view accuracy minus run a's, over all test images and per class: a paired
+        bootstrap interval and McNemar's exact test (stats.paired_differences)."""
+        if (a, b) not in self._differences:
+            self._differences[a, b] = stats.paired_differences(self.labels, self.preds[a], self.preds[b],
+                                                               len(self.classes))
+        return self._differences[a, b]
+
+    def verdicts(self) -> list[str]:
+        """One sentence per other run against the first: how far apart, how sure, beyond chance or not."""
+        return [stats.verdict(self.names[0], self.names[b], self.difference(0, b)[0])
+                for b in range(1, len(self.names))]
+
+    def seed_spread(self) -> list[tuple[list[str], list[int | None], float, float]]:
+        """Per recipe given with 2+ seeds: (its runs' names, their seeds, mean and sd of their
+        single-view test accuracy)."""
+        acc = (self.preds == self.labels).mean(1)                                 # (R,)
+        out = []
+        for recipe in dict.fromkeys(self.recipes):
+            by_seed = {self.seeds[i]: i for i in reversed(range(len(self.recipes))) if self.recipes[i] == recipe}
+            if len(by_seed) >= 2:  # a run given twice counts once
+                idx = sorted(by_seed.values())
+                out.append(([self.names[i] for i in idx], [self.seeds[i] for i in idx], *stats.mean_sd(acc[idx])))
+        return out
+
+
+@dataclass
+class _TestSet:
+    """What two runs must share to be compared image by image (the images themselves as a hash)."""
+    classes: list[str]
+    labels: np.ndarray
+    images: str
+
 
 def _test_set(run: RunDir):
     from ..data.sources import load_arrays
     a = load_arrays(*run.data_source())
-    h = hashlib.sha1(np.ascontiguousarray(a.test_x).data)
-    h.update(np.ascontiguousarray(a.test_y).data)
-    h.update("\n".join(a.classes).encode())
-    return h.hexdigest(), a
+    images = hashlib.sha1(np.ascontiguousarray(a.test_x).data).hexdigest()
+    return _TestSet(list(a.classes), np.asarray(a.test_y), images), a
+
+
+def _classes(names: list[str]) -> str:
+    return f"{len(names)} classes: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+
+
+def _mismatch(first: _TestSet, other: _TestSet) -> str | None:
+    """Why two runs cannot be compared image by image, or None."""
+    if first.classes != other.classes:
+        return f"have different class lists ({_classes(first.classes)} vs {_classes(other.classes)})"
+    if len(first.labels) != len(other.labels):
+        return f"were tested on different test sets ({len(first.labels):,} vs {len(other.labels):,} test images)"
+    if not np.array_equal(first.labels, other.labels):
+        return (f"were tested on different test sets (the same {len(first.labels):,} test images in number, "
+                f"different labels on {int((first.labels != other.labels).sum()):,} of them)")
+    if first.images != other.images:
+        return "were tested on different test sets (different test images)"
+    return None
 
 
 def _open(run_dirs) -> tuple[list[RunDir], object]:
-    """The runs, refused in one line (before any prediction) unless 2+ runs share one test set."""
+    """The runs, refused in one line (before any prediction) unless 2+ runs share one test set and
+    one class list."""
     if len(run_dirs) < 2:
         raise CifarkitError(f"compare needs at least two run directories, got {len(run_dirs)}; "
                             "give two or more: cifarkit compare RUN_DIR RUN_DIR ... --out DIR")
     runs = [RunDir.open(d, need=("config", "weights")) for d in run_dirs]
     first, arrays = _test_set(runs[0])
     for run in runs[1:]:
-        if _test_set(run)[0] != first:
+        if why := _mismatch(first, _test_set(run)[0]):
             raise CifarkitError(f"runs {runs[0].name} ({runs[0].data_name()}) and {run.name} ({run.data_name()}) "
-                                "were tested on different test sets; compare runs of the same data")
+                                f"{why}; compare runs of the same data and classes")
     return runs, arrays
 
 
@@ -75,9 +137,17 @@ def _names(runs: list[RunDir]) -> list[str]:
     return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
+def _show(v) -> str:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+def _recipe(cfg: dict) -> str:
+    """A run's settings but its seed, paths and machine: runs alike in this differ by seed alone."""
+    return json.dumps({k: _show(v) for k, v in cfg.items() if k not in NOT_RECIPE}, sort_keys=True)
+
+
 def _settings(runs: list[RunDir]) -> list[tuple[str, list[str]]]:
-    def show(v) -> str:
-        return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+    show = _show
     configs = [dataclasses.asdict(r.read_config()) for r in runs]
     rows = [("data", [r.data_name() for r in runs])]
     rows += [(k, [show(c.get(k)) for c in configs]) for k in configs[0] if k not in HIDDEN]
@@ -121,8 +191,10 @@ def compare(run_dirs: list[str | Path]) -> Comparison:
     per_class = np.stack([np.bincount(a.test_y, weights=ok, minlength=k) for ok in right]) / \
         np.maximum(np.bincount(a.test_y, minlength=k), 1)
     metrics = [r.read_metrics() if r.metrics_file.is_file() else None for r in runs]
+    configs = [dataclasses.asdict(r.read_config()) for r in runs]
     return Comparison(_names(runs), _settings(runs), _results(runs, probs, a.test_y), metrics, list(a.classes),
-                      a.test_x, a.test_y, probs, per_class)
+                      a.test_x, a.test_y, probs, per_class, [_recipe(c) for c in configs],
+                      [c.get("seed") for c in configs])
 
 
 # -- figures --------------------------------------------------------------------------------------
@@ -193,6 +265,39 @@ def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+CHANCE = (f"Beyond chance: McNemar's exact test on the test images one run gets right and the other wrong "
+          f"gives p < {stats.ALPHA}, and the paired bootstrap {stats.LEVEL:.0%} interval of the difference "
+          f"({stats.RESAMPLES:,} resamples of the test images) excludes 0; otherwise within chance. Both measure "
+          "the test set's noise for these trained models, not a retraining's: the spread over seeds below does "
+          f"that. A share of fewer than {stats.MIN_IMAGES} images gets no interval.")
+
+
+def _differences_html(c: Comparison) -> str:
+    """The verdicts, each pair's per-class differences, and the spread over seeds."""
+    parts = ["<h2>Differences beyond chance (single-view test accuracy)</h2>",
+             *[f"<p><b>{html.escape(v)}</b></p>" for v in c.verdicts()], f"<p>{html.escape(CHANCE)}</p>"]
+    images = np.bincount(c.labels, minlength=len(c.classes))
+    for b in range(1, len(c.names)):
+        a_name, b_name = c.names[0], c.names[b]
+        rows = [(name, [f"{images[k]:,}", f"{d.acc_a:.1%}" if d.acc_a is not None else "n/a",
+                        f"{d.acc_b:.1%}" if d.acc_b is not None else "n/a", d.diff.points(), stats.p_text(d.test.p),
+                        "beyond chance" if d.beyond_chance else "within chance"])
+                for k, (name, d) in enumerate(zip(c.classes, c.difference(0, b)[1]))]
+        parts += [f"<h2>Per class: {html.escape(b_name)} against {html.escape(a_name)}</h2>",
+                  _table(["class", "test images", a_name, b_name, f"{b_name} - {a_name}", "McNemar",
+                          "verdict"], rows),
+                  f"<p>Each class is a test of its own ({len(c.classes)} here): when two runs are alike, about "
+                  f"1 class in {round(1 / stats.ALPHA)} still reads beyond chance by luck, so trust one per-class "
+                  "verdict less than the overall one.</p>"]
+    spread = c.seed_spread()
+    if spread:
+        rows = [(", ".join(names), [", ".join(map(str, seeds)), f"{mean:.2%}", f"{sd * 100:.2f} points"])
+                for names, seeds, mean, sd in spread]
+        parts += ["<h2>Spread over seeds (runs of one recipe)</h2>",
+                  _table(["runs", "seeds", "mean single-view accuracy", "sd over seeds"], rows)]
+    return "".join(parts)
+
+
 def write_comparison(c: Comparison, out: str | Path, n: int = SHOWN) -> Path:
     """OUT/index.html and its PNGs; returns the page's path. The first run is compared with each other."""
     out = Path(out)
@@ -215,6 +320,7 @@ def write_comparison(c: Comparison, out: str | Path, n: int = SHOWN) -> Path:
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 10px}img{max-width:100%}"
             f"</style></head><body><h1>{html.escape(' vs '.join(c.names))}</h1>"
             f"<h2>Settings that differ</h2>{diff}<h2>Results</h2>{_table(header, c.results)}"
+            + _differences_html(c)
             + "".join(f'<h2>{html.escape(t)}</h2><img src="{f}" alt="{html.escape(t)}">' for f, t, _ in figs)
             + "</body></html>")
     (out / "index.html").write_text(page)

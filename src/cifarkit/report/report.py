@@ -3,8 +3,9 @@
 Each part is written on its own: a run without metrics still gets its confusion matrix, a run
 without weights still gets its curves, a run too small to calibrate still gets its robustness
 table, and the page says what is missing and why. Beyond what the model got wrong and where it
-looked: how honest its percentages are (calibration), which test labels are likely wrong (label
-issues) and how it holds up on blurred, noisy or otherwise corrupted images (robustness).
+looked: how sure each class's precision and recall are (bootstrap intervals), how honest its
+percentages are (calibration), which test labels are likely wrong (label issues) and how it holds
+up on blurred, noisy or otherwise corrupted images (robustness).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..trust import analysis, calibration, explain, label_issues, robustness
+from ..trust import analysis, calibration, explain, label_issues, robustness, stats
 from . import plots
 from ..train.budget import format_seconds
 from ..console import log, progress
@@ -87,8 +88,6 @@ def _predictions(r: Report, n: int, method: str) -> None:
     r.issues = issues
     analysis.save_gallery(r.run.path, p, label_issues=issues.indices)  # what the app shows, without the dataset
     conf = analysis.confusion(p)
-    per_class = analysis.per_class_accuracy(conf)
-    r.tables["Per-class test accuracy (single view)"] = [(c, f"{a:.2%}") for c, a in zip(p.classes, per_class)]
     r.tables["Results"].append(("single-view test accuracy (this report)", f"{p.accuracy:.4f}"))
     r.add(plots.confusion_matrix(conf, p.classes), "confusion", "Confusion matrix",
           "Rows are true classes, normalized to sum to 1; the bars are per-class accuracy.")
@@ -115,6 +114,28 @@ def _predictions(r: Report, n: int, method: str) -> None:
         r.add(plots.cam_grid(explain.upscale(images[idx]), rows, cap), name, f"Grad-CAM, {what} images",
               f"{method} for the predicted class, one row per layer (shallow to deep), jet colours blended "
               "50/50; titles are actual / predicted.")
+
+
+def _per_class(r: Report) -> None:
+    """Precision, recall and F1 per class with bootstrap intervals, the ECE within each class (of
+    the calibrated probabilities where the run has a temperature), and the top confusions; the same
+    numbers go into results.json, where the model card reads them."""
+    if r.p is None:
+        return
+    p = r.p
+    counts = np.bincount(p.labels, minlength=len(p.classes))
+    probs = "after temperature scaling" if r.temperature is not None else "no temperature fitted"
+    r.grids[f"Per-class precision, recall and F1 (test set, single view; {stats.LEVEL:.0%} bootstrap intervals)"] = [
+        ["class", "test images", "precision", "recall (per-class accuracy)", "F1", f"ECE in class ({probs})"],
+        *[[s.name, f"{s.images:,}", s.precision.text(), s.recall.text(), s.f1.text(),
+           "n/a" if s.ece is None else f"{s.ece:.2%}"] for s in stats.per_class(p.labels, p.preds, p.classes, p.probs)]]
+    r.tables["Top confusions (test set)"] = [
+        (f"{t} taken for {q}", f"{n:,} images ({n / counts[p.classes.index(t)]:.1%} of the {t} images)")
+        for t, q, n in stats.top_confusions(p.labels, p.preds, p.classes)] or [("none", "no mistakes")]
+    results = r.run.read_results()
+    if results is not None:
+        stats.record(results, p.labels, p.probs, p.classes)
+        r.run.write_results(results)
 
 
 def _temperature(r: Report) -> None:
@@ -283,6 +304,7 @@ def write_report(run_dir: str | Path, n: int = 20, method: str = "gradcam", out:
     parts = [("curves", lambda: _curves(r)), ("LR range test", lambda: _lr_find(r)),
              ("calibration", lambda: _temperature(r)),
              ("predictions, mistakes and Grad-CAM", lambda: _predictions(r, n, method)),
+             ("per-class statistics", lambda: _per_class(r)),
              ("calibration", lambda: _calibration(r)), ("likely label errors", lambda: _label_issues(r))]
     if corruption_images != 0:
         parts.append(("robustness", lambda: _robustness(r, corruption_images)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from ..errors import CifarkitError
+from ..trust import stats
 from ..version import __version__
 from ..weights import Loaded
 
@@ -90,6 +91,26 @@ def _calibration_line(m: Loaded, res: dict) -> str:
             f"{ece}); `probabilities()` applies it")
 
 
+def _per_class_lines(res: dict) -> list[str]:
+    """Precision, recall, F1 (with their bootstrap intervals) and ECE per class, and the top confusions."""
+    if not res.get("per_class"):
+        return ["Per-class precision and recall: not measured (run `cifarkit report` on the run, then push again).",
+                ""]
+    pc = res["per_class"]
+    lines = ["## Per class", "",
+             f"On the test set, single view; {pc['level']:.0%} percentile bootstrap intervals over the test images "
+             f"({pc['resamples']:,} resamples, seed {pc['seed']}); a share of fewer than {pc['min_images']} images "
+             "gets no interval. ECE: the calibration error within the class (15 bins), after the temperature "
+             "where the run has one.", "",
+             "| class | test images | precision | recall | F1 | ECE |", "| --- | ---: | --- | --- | --- | ---: |"]
+    lines += [f"| {s.name} | {s.images:,} | {s.precision.text()} | {s.recall.text()} | {s.f1.text()} | "
+              f"{_number(s.ece, '.2%')} |" for s in stats.from_summary(pc)]
+    if res.get("confusions"):
+        lines += ["", "Most frequent confusions (true class taken for another): " + ", ".join(
+            f"{c['true']} as {c['predicted']} ({c['images']:,})" for c in res["confusions"]) + "."]
+    return lines + [""]
+
+
 def _training_lines(res: dict) -> list[str]:
     plan = res.get("plan")
     lines = ["## Training", "",
@@ -122,7 +143,7 @@ def model_card(m: Loaded, res: dict, repo: str | None = None, license: str = "mi
     hub = _hub()
     data = card_data(m, res, repo, license)
     body = ["", f"# {_name(m, repo)}: {m.meta['model']} trained with cifarkit", "",
-            *_results_lines(m, res), "", *_use_lines(repo), *_training_lines(res)]
+            *_results_lines(m, res), "", *_per_class_lines(res), *_use_lines(repo), *_training_lines(res)]
     if figures:
         body += ["## Figures", "", *[f"![{f.rsplit('/', 1)[-1][:-4]}]({f})" for f in figures], ""]
     body += [f"Made with cifarkit {__version__}.", ""]

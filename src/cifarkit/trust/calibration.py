@@ -170,8 +170,8 @@ def calibrate_run(run_dir, fit_logits=None, test_logits=None, ood_method: str | 
     """Fit on a run's held-out images (never the test set) what makes its outputs trustworthy, and
     store it with the weights: the temperature T (in the metadata), the out-of-distribution score's
     statistics and threshold (trust/ood.py), and the conformity scores of its prediction sets
-    (trust/conformal.py). ECE/NLL before and after T, and the sets' test coverage, go into
-    results.json. Idempotent: fits on raw logits.
+    (trust/conformal.py). ECE/NLL before and after T, the sets' test coverage, and the per-class
+    statistics after T (trust/stats.py) go into results.json. Idempotent: fits on raw logits.
 
     fit_logits, test_logits: the run's plain logits of its held-out and test images, when training
     has just computed them (then no forward pass is made again for T); else computed here, in bf16
@@ -182,6 +182,7 @@ def calibrate_run(run_dir, fit_logits=None, test_logits=None, ood_method: str | 
     from ..data.sources import load_arrays
     from ..weights import load, update_metadata
     from . import conformal, ood
+    from .stats import record as record_per_class
     run = RunDir.open(run_dir, need=("config", "weights"))
     arrays = load_arrays(*run.data_source())
     fit_idx, fitted_on = held_out(run, arrays)
@@ -211,6 +212,7 @@ def calibrate_run(run_dir, fit_logits=None, test_logits=None, ood_method: str | 
     res.ece_before, res.ece_after, res.nll_before, res.nll_after = (
         report.ece_before, report.ece_after, report.nll_before, report.nll_after)
     res.ood, res.coverage = report.ood, {str(k): v for k, v in report.coverage.items()}
+    record_per_class(res, arrays.test_y, test_probs.numpy(), list(arrays.classes))  # per-class ECE after this T
     run.write_results(res)
     return report
 

@@ -1,7 +1,7 @@
 """Out-of-distribution scores: "this is none of the classes".
 
 A score is higher the less an input looks like the training distribution. Six of the field's
-standard scores, each a few lines (the fitted ones checked against pytorch-ood in the tests):
+standard scores and one sum of two of them, each a few lines (the fitted ones checked against pytorch-ood in the tests):
 - msp: minus the maximum softmax probability (Hendrycks & Gimpel, 2017), the baseline;
 - maxlogit: minus the maximum logit (Hendrycks et al., 2022);
 - energy: minus logsumexp of the logits (Liu et al., 2020);
@@ -10,7 +10,10 @@ standard scores, each a few lines (the fitted ones checked against pytorch-ood i
 - knn: the distance of the normalized features to their k-th nearest held-out neighbour (Sun et al., 2022);
 - featnorm: minus the mean penultimate activation, that is the features' L1 norm over their number
   (the feature-norm scores of Yu et al., 2023 and Park et al., 2023, which take the L2 norm): a net
-  trained on its classes fires less on anything else.
+  trained on its classes fires less on anything else;
+- energynorm (the default): energy minus NORM_WEIGHT times the log of that mean activation. Energy
+  is the best score on images of unknown classes near the known ones, the feature norm on images
+  of nothing like them (pages of text, patterns, noise); their sum keeps most of both (BENCHMARKS.md).
 The fitted statistics come from held-out images of the training distribution, never the test set,
 and the threshold keeps `keep` of them (95% by default): an input scoring above it is "none of these".
 The verdict never changes the predicted class.
@@ -29,6 +32,7 @@ METHODS, DEFAULT, KEEP = OOD_METHODS, OOD_DEFAULT, OOD_KEEP  # declared on the r
 FITTED = ("mahalanobis", "knn")  # the scores that need statistics of the training distribution
 KNN_K = 50                       # neighbours: the k-th distance is the score (the paper's k for CIFAR-10)
 RIDGE = 1e-6                     # added to the shared covariance's diagonal (features' squared units)
+NORM_WEIGHT = 1.5                # energynorm: the log mean activation's weight (picked in BENCHMARKS.md)
 PREFIX = "ood."                  # the statistics' names among a model's stored stats (weights.Loaded.stats)
 
 
@@ -81,6 +85,9 @@ def score(method: str, logits: torch.Tensor, features: torch.Tensor | None = Non
         return knn(features.float(), stats["bank"])
     if method == "featnorm":
         return -features.float().mean(dim=1)
+    if method == "energynorm":
+        activation = features.float().mean(dim=1).clamp(min=1e-6)     # (B,) > 0 (GELU dips just below 0)
+        return -torch.logsumexp(logits, dim=1) - NORM_WEIGHT * activation.log()
     raise CifarkitError(f"unknown out-of-distribution score '{method}'; choose one of: {', '.join(METHODS)}")
 
 
