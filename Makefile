@@ -10,7 +10,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export CIFARKIT_DATA ?= $(SHARED_DATA)
 endif
 
-.PHONY: setup browser demo test test-fast docs pictures bench bench-gpu clean
+.PHONY: setup browser postgres demo test test-fast docs pictures bench bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,20 @@ browser:
 	    exit 1; \
 	  fi; }
 
-# Everything: unit tests, trainings on the real data, the DDP run, the app server and the browser.
-test: setup browser
+# The sweep's shared-storage test starts its own server from Debian's PostgreSQL programs.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing PostgreSQL for the sweep's shared-storage test (apt-get install postgresql)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else \
+	    echo "make test needs PostgreSQL's server programs for its sweep test: install them (Debian: sudo apt-get install -y postgresql) and run make test again, or run make test-fast"; \
+	    exit 1; \
+	  fi; }
+
+# Everything: unit tests, trainings on the real data, the DDP run, the sweeps' workers and database,
+# the app server and the browser.
+test: setup browser postgres
 	$(BIN)/python -m pytest --durations=15   # the 15 slowest tests, to keep the suite short
 
 # Every test not marked slow (nothing reads the real copy, trains, serves or opens a browser):

@@ -36,6 +36,7 @@ LAYERS = {  # page -> (title, subpackage or None for the root's modules)
     "train": ("training", "train"),
     "trust": ("trust", "trust"),
     "report": ("reports", "report"),
+    "sweep": ("sweeps", "sweep"),
     "serve": ("serving", "serve"),
 }
 

@@ -20,10 +20,10 @@ from conftest import ROOT
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
-# subcommands whose real run is a training, a report over the whole test set or a server: their
+# subcommands whose real run is a training (or many: a sweep), a report over the whole test set or a server: their
 # commands are parsed by the real parser (a renamed flag or a bad value fails) and not run here;
 # the trainings, the report and the app have their own slow tests
-PARSE_ONLY = {"train", "lr-find", "audit", "report", "app"}
+PARSE_ONLY = {"train", "lr-find", "audit", "report", "app", "sweep"}
 HUB_ID = "USER/"  # the docs' placeholder of a Hugging Face repository id
 
 

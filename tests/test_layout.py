@@ -12,6 +12,7 @@ LAYERS = [
     {"trust"},
     {"train"},
     {"report"},
+    {"sweep"},
     {"serve"},
     {"cli", "__main__", "__init__"},  # the front doors: the CLI and `cifarkit.load`
 ]
@@ -83,6 +84,6 @@ def test_no_module_imports_itself_back_at_import_time():
 
 
 def test_each_subpackage_says_what_it_owns_and_may_import():
-    for pkg in ("data", "train", "trust", "report", "serve"):
+    for pkg in ("data", "train", "trust", "report", "sweep", "serve"):
         doc = ast.get_docstring(ast.parse((SRC / pkg / "__init__.py").read_text()))
         assert doc and "May import" in doc, pkg

@@ -33,14 +33,15 @@ def _add_flag(p: argparse.ArgumentParser, name: str, typ, meta: dict, help: str)
     p.add_argument(_flag(name), **kwargs)
 
 
-def add_config_flags(p: argparse.ArgumentParser, cls=None) -> None:
-    """One flag per TrainConfig setting (its help, type and choices), plus --preset and --config."""
+def add_config_flags(p: argparse.ArgumentParser, cls=None, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig setting (its help, type and choices), plus --preset and --config;
+    `skip`: settings whose flag the command declares with its own meaning."""
     from .presets import TrainConfig, list_presets, settings
     p.add_argument("--preset", help=f"{' | '.join(list_presets())}: the recipe whose values are the defaults "
                                     "(default fast)")
     p.add_argument("--config", help="replay a saved run config (config.yaml); flags override it")
     for f, typ in settings(cls or TrainConfig):
-        if f.metadata.get("flag", True):
+        if f.metadata.get("flag", True) and f.name not in skip:
             _add_flag(p, f.name, typ, f.metadata, f.metadata["help"])
 
 
@@ -158,6 +159,33 @@ def cmd_train(args):
         lines.append(f"report: {report}")
     lines += [f"next: cifarkit app {run.path}    (the app: classify, Grad-CAM, mistakes)",
               f"      cifarkit export {run.path} --format onnx --out model.onnx    (or --format hub, safetensors)"]
+    print("\n".join(lines))
+
+
+def cmd_sweep(args):
+    from .sweep.space import default_space, load_space
+    cfg = config_from_args(args)
+    space = load_space(args.space, cfg) if args.space else default_space(cfg)
+    if args.show_space:
+        print(space.to_yaml_text(), end="")
+        return
+    if not args.sweep_budget:
+        raise CifarkitError("sweep: give --time-budget, the whole sweep's time (e.g. 1h), or --show-space")
+    from .sweep.run import run_sweep
+    try:
+        r = run_sweep(cfg, args.sweep_budget, args.sweep_out or f"sweeps/{cfg.preset}", space, args.storage,
+                      args.study, args.trial_budget, started=args.started)
+    except RunInterrupted as exc:
+        log.warning(f"sweep stopped in {exc.run_dir}: the study keeps its finished trials; run the same command "
+                    "again to go on")
+        raise KeyboardInterrupt from None
+    lines = [f"best: trial {r.best.number}, val accuracy {r.best.value:.4f} ("
+             + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.best.params.items()) + ")"]
+    if r.final_results:
+        lines.append(f"final: test accuracy {r.final_results['test_acc']:.4f}, run directory {r.final_run}")
+    if r.report:
+        lines.append(f"report: {r.report}")
+    lines.append(f"replay: cifarkit train --config {r.sweep.best_config}")
     print("\n".join(lines))
 
 
@@ -313,6 +341,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.set_defaults(func=cmd_train)
+
+    p = command("sweep", help="the best recipe in a time budget: budgeted trials drawn by Optuna, weak ones stopped "
+                              "early on validation accuracy, then the best setting trained on all the training "
+                              "images and tested once; a report and the best setting as config.yaml")
+    add_config_flags(p, skip=("time_budget", "out"))
+    p.set_defaults(out=None, time_budget=None)  # the recipe's own: a trial's are the sweep's to set
+    p.add_argument("--time-budget", dest="sweep_budget", metavar="TIME",
+                   help="the whole sweep's time, from the start of the command: the trials, the final training "
+                        "and its test (90m, 1h, 2h30m)")
+    p.add_argument("--space", metavar="FILE.yaml", help="the search space: TrainConfig settings with ranges "
+                                                        "(default: the preset's; see --show-space)")
+    p.add_argument("--show-space", action="store_true", help="print the search space (the preset's, or --space's) "
+                                                             "as YAML and exit")
+    p.add_argument("--out", dest="sweep_out", metavar="DIR",
+                   help="the sweep's folder (default sweeps/<preset>); the same command run again goes on with its study")
+    p.add_argument("--storage", metavar="WHERE",
+                   help="the shared study: a journal file path (several processes on one machine) or a database URL "
+                        "such as postgresql://user@host/db (several machines); default DIR/study.journal")
+    p.add_argument("--study", metavar="NAME", help="the study's name, the same on every worker (default sweep; "
+                                                   "needed with --storage)")
+    p.add_argument("--trial-budget", metavar="TIME", help="each trial's time (default: the recipe's own length here, at most a "
+                                          "fifth of the budget; a study keeps the one it was created with)")
+    p.set_defaults(func=cmd_sweep)
 
     p = command("report", help="figures, Grad-CAM and an HTML page for a run (RUN_DIR/report)")
     p.add_argument("run_dir")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 log = logging.getLogger("cifarkit")
 
 # Loggers of libraries that talk at INFO level (Lightning's device summary and its "Tip" among them)
-THIRD_PARTY = ("lightning", "lightning.pytorch", "lightning.fabric", "torch", "httpx", "gradio")
+THIRD_PARTY = ("lightning", "lightning.pytorch", "lightning.fabric", "torch", "httpx", "gradio", "optuna")
 
 _bars = False  # progress bars on: set by command_line() when stderr is a terminal and not --quiet
 

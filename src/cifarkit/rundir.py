@@ -17,6 +17,16 @@
     audit/             `cifarkit audit`: label_issues_train.csv/.png (or under --out)
     gradcam/           `cifarkit gradcam`: an overlay per image (or under --out)
 
+A sweep's folder (`cifarkit sweep --out`) holds run directories; `SweepDir` names its files:
+
+    study.journal      the Optuna study, when --storage does not name another place
+    study.json         which study (and storage) the folder's trials belong to
+    space.yaml         the search space it ran
+    trials/trial-N/    each trial's run directory (config, metrics, weights; never tested, no checkpoints)
+    final/trial-N/     the final training of the best setting (trial N), on all training images, tested once
+    report/            index.html, its figures (SweepDir.FIGURES), trials.csv and config.yaml: the best
+                       setting, which `cifarkit train --config` replays
+
 The weights, results.json, the checkpoints, metrics.csv's rewrites, the gallery and the data cache
 are written whole or not at all (`atomic_write`, `atomic_path`): a kill or a full disk mid-write
 leaves the previous file, never half of one.
@@ -51,6 +61,7 @@ class Results:
     """results.json. Older files lack some keys (None here); unknown keys are kept in `extra`."""
     test_acc: float | None = None
     test_loss: float | None = None
+    val_acc: float | None = None          # the last validation's accuracy (a sweep's trials are judged by it)
     epochs: float | None = None
     steps: int | None = None
     seconds: float | None = None
@@ -315,6 +326,53 @@ class RunDir:
         if res is None:
             return None
         return Results.from_dict({**res.to_dict(), "data_name": self.data_name()}).public()
+
+
+class SweepDir:
+    """Paths of one sweep's folder (see the module's docstring)."""
+
+    FIGURES = ("history", "intermediate", "importances", "parallel")  # the report's, each <name>.png
+    REPORT_PAGE, TRIALS_CSV, BEST_CONFIG = "index.html", "trials.csv", "config.yaml"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.journal = self.path / "study.journal"
+        self.study_file = self.path / "study.json"
+        self.space_file = self.path / "space.yaml"
+        self.trials_dir = self.path / "trials"
+        self.finals_dir = self.path / "final"
+        self.report_dir = self.path / "report"
+        self.best_config = self.report_dir / self.BEST_CONFIG
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def trial(self, number: int) -> Path:
+        return self.trials_dir / f"trial-{number:04d}"
+
+    def final(self, number: int) -> Path:
+        return self.finals_dir / f"trial-{number:04d}"
+
+    def figure(self, name: str) -> Path:
+        if name not in self.FIGURES:
+            raise ValueError(f"unknown sweep figure '{name}'; SweepDir.FIGURES names them")
+        return self.report_dir / f"{name}.png"
+
+    @classmethod
+    def create(cls, path: str | Path) -> "SweepDir":
+        """The sweep's folder, made if needed (a sweep run again in its folder goes on with its study)."""
+        sweep = cls(path)
+        try:
+            sweep.path.mkdir(parents=True, exist_ok=True)
+            probe = sweep.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise CifarkitError(f"cannot write the sweep folder {sweep.path}: {exc.strerror or exc}; "
+                                "pass --out with a writable path") from None
+        if RunDir(sweep.path).is_run():
+            raise CifarkitError(f"{sweep.path} holds a training run, not a sweep; choose another --out")
+        return sweep
 
 
 @contextmanager

@@ -242,34 +242,48 @@ def _resume_point(run: RunDir, cfg: TrainConfig, dm: CIFARDataModule,
     return run.last_ckpt, step
 
 
-def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, start: float, resume: bool) -> Plan:
-    """--time-budget: measure this machine's speed and plan the schedule (a resumed run starts from the
-    plan its config.yaml recorded; its checkpoint then gives the latest, and what is left is re-planned
-    when training starts)."""
+def measure_speed(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier,
+                  test: bool = True) -> tuple[dict, float, float, Schedule]:
+    """What a budget plans from, measured on the run's own net: (seconds per optimizer step at each
+    image size the recipe trains at, seconds of the test with its views and of calibration (0 for a
+    run that is not tested), seconds of one validation pass, the schedule's shape)."""
     shape = Schedule.of(cfg, dm.steps_for(1))
-    if resume and cfg.plan:
-        return Plan.from_dict(cfg.plan, cfg)
     sizes = [shape.low_res, 32] if shape.low_res else [32]
     steps = measure_steps(module, dm, trainer_kwargs(cfg), shape, sizes)
     eval_seconds = measure_eval(module, dm, resolve_precision(cfg.precision, cfg.accelerator))
-    test = eval_seconds(len(dm.arrays.test_y), views_per_image(cfg.tta, cfg.tta_threshold))
     val = eval_seconds(len(dm.val_idx))
+    if not test:
+        return steps, 0.0, val, shape
+    tested = eval_seconds(len(dm.arrays.test_y), views_per_image(cfg.tta, cfg.tta_threshold))
     # calibration passes over its held-out images (the calibration split, the validation split, or a
     # training slice) in fp32 for the out-of-distribution score (about twice the bf16 batch timed), and
     # once more in bf16 for the temperature unless the last validation's logits are those images'
     held = len(dm.calib_idx) or len(dm.val_idx) or min(TRAIN_SLICE, len(dm.arrays.train_y))
     calibration = (2 + (1 if dm.calib_size or not len(dm.val_idx) else 0)) * eval_seconds(held)
-    plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, test + calibration, val,
+    return steps, tested + calibration, val, shape
+
+
+def _plan(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, start: float, resume: bool,
+          test: bool = True) -> Plan:
+    """--time-budget: measure this machine's speed and plan the schedule (a resumed run starts from the
+    plan its config.yaml recorded; its checkpoint then gives the latest, and what is left is re-planned
+    when training starts). A run that is not tested keeps no time for the test."""
+    if resume and cfg.plan:
+        return Plan.from_dict(cfg.plan, cfg)
+    steps, tested, val, shape = measure_speed(cfg, dm, module, test)
+    plan = plan_schedule(parse_budget(cfg.time_budget), time.time() - start, steps, tested, val,
                          cfg.batch_size, shape, shape.low_res_epochs / cfg.epochs, recipe_epochs=cfg.epochs)
     log.info(plan.describe())
     return plan
 
 
 def _trainer(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, run: RunDir,
-             resumed_step: int | None, plan: Plan | None = None, start: float = 0.0) -> tuple[L.Trainer, RunGuard]:
-    """The run's trainer and guard, and the schedule the module, augmentation and guard read from here on."""
+             resumed_step: int | None, plan: Plan | None = None, start: float = 0.0,
+             extra: tuple = ()) -> tuple[L.Trainer, RunGuard]:
+    """The run's trainer and guard, and the schedule the module, augmentation and guard read from here on
+    (`extra`: the caller's own callbacks, after the guard's)."""
     guard = RunGuard(run, cfg.model, dm.classes, cfg.check_every_steps)
-    callbacks = [guard, ModelCheckpoint(dirpath=str(run.best_ckpt.parent), filename=run.best_ckpt.stem,
+    callbacks = [guard, *extra, ModelCheckpoint(dirpath=str(run.best_ckpt.parent), filename=run.best_ckpt.stem,
                                         save_top_k=1, mode="max", monitor="val_acc" if len(dm.val_idx) else None,
                                         enable_version_counter=False),
                  LastCheckpoint(run.last_ckpt, cfg.ckpt_every_steps)]
@@ -310,12 +324,15 @@ def _start_block(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, r
 
 
 def _write_results(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier, trainer: L.Trainer,
-                   test: dict, run: RunDir, start: float, resumed_step: int | None, plan: Plan | None,
-                   timing: dict) -> None:
+                   test: dict | None, val_acc: float | None, run: RunDir, start: float, resumed_step: int | None,
+                   plan: Plan | None, timing: dict) -> None:
+    """The weights and results.json (a run that was not tested: no test numbers)."""
+    test = test or {}
     save_weights(module.net, run.weights_file, cfg.model, dm.classes, dm.mean, dm.std,
-                 cfg.model_kwargs, extra={"test_acc": f"{test['test_acc']:.4f}"})
+                 cfg.model_kwargs, extra={"test_acc": f"{test['test_acc']:.4f}"} if test else None)
     run.write_results(Results(
-        test_acc=test["test_acc"], test_loss=test["test_loss"], epochs=round(module.schedule.epochs, 4),
+        test_acc=test.get("test_acc"), test_loss=test.get("test_loss"),
+        val_acc=val_acc, epochs=round(module.schedule.epochs, 4),
         steps=trainer.global_step,
         seconds=round(time.time() - start, 1), preset=cfg.preset, model=cfg.model, lr=module.lr,
         data=dm.arrays.source, data_name=cfg.data_name or data_name(dm.arrays.source),
@@ -327,12 +344,16 @@ def _write_results(cfg: TrainConfig, dm: CIFARDataModule, module: LitClassifier,
         threads=torch.get_num_threads(), cpu_count=os.cpu_count(), **timing))
 
 
-def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) -> RunDir:
+def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None, callbacks: tuple = (),
+        test: bool = True) -> RunDir:
     """Train per `cfg`, test, and write everything into the run directory; returns it.
 
     resume: continue the run in `cfg.out` (config from its config.yaml) from its last checkpoint.
     started: the time.time() a time budget counts from (the command line passes its process's start,
     so that the budget holds the imports too); default: now.
+    callbacks: more Lightning callbacks for the run's trainer (a sweep's trial reports each epoch).
+    test: False trains and validates only: no test, no calibration, and a time budget keeps no time
+    for them (a sweep's trials are judged on validation, never on the test set).
     """
     start = time.time()
     clock = min(start, started) if started is not None else start  # what --time-budget counts from
@@ -358,10 +379,10 @@ def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) ->
         if module.compiled:  # before anything is measured or trained: a budget counts it as spent
             compile_up_front(module, dm, trainer_kwargs(cfg), Schedule.of(cfg, dm.steps_for(1)))
         module.lr = _peak_lr(cfg, dm, module, run, follower)
-        plan = _plan(cfg, dm, module, clock, resume) if cfg.time_budget else None
+        plan = _plan(cfg, dm, module, clock, resume, test) if cfg.time_budget else None
         if plan is not None:
             cfg = planned_config(cfg, plan)
-        trainer, guard = _trainer(cfg, dm, module, run, resumed_step, plan, clock)
+        trainer, guard = _trainer(cfg, dm, module, run, resumed_step, plan, clock, tuple(callbacks))
         if not follower and not resume:
             run.write_config(cfg)  # once, after planning: what a replay or a resume starts from
         if not follower:
@@ -370,14 +391,16 @@ def fit(cfg: TrainConfig, resume: bool = False, started: float | None = None) ->
         with guard.catching_sigint(), _shared_with_ranks(run):
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
         fitted = time.time()
-        test = trainer.test(module, datamodule=dm, verbose=False)[0]
+        val_acc = trainer.callback_metrics.get("val_acc") if len(dm.val_idx) else None  # the last validation's
+        val_acc = None if val_acc is None else round(float(val_acc), 6)
+        tested = trainer.test(module, datamodule=dm, verbose=False)[0] if test else None
         if trainer.is_global_zero:
             timing = dict(train_seconds=round(fitted - training, 1),
                           compiled=module.compiled if cfg.compile else None,
                           compile_seconds=round(compiling.seconds, 1) if cfg.compile else None)
-            _write_results(cfg, dm, module, trainer, test, run, start, resumed_step, plan, timing)
-            # T in the weights' metadata: predictions are calibrated (from this run's own logits)
-            calibrate_after_training(run, *_held_out_and_test_logits(module, trainer))
+            _write_results(cfg, dm, module, trainer, tested, val_acc, run, start, resumed_step, plan, timing)
+            if test:  # T in the weights' metadata: predictions are calibrated (from this run's own logits)
+                calibrate_after_training(run, *_held_out_and_test_logits(module, trainer))
             record(run, trainer.loggers)
             log_results(trainer.loggers, run.read_results(), trainer.global_step)
             if plan is not None and resumed_step is None:  # the calibration pass is in the plan's test
