@@ -1,4 +1,5 @@
 """The app: handlers called directly, then the served app driven with gradio_client and plain HTTP."""
+import csv
 import http.client
 import re
 import urllib.request
@@ -121,7 +122,12 @@ def test_mistakes_are_filtered_and_captioned(app):
 def test_mistakes_can_be_filtered_to_likely_label_errors(app, monkeypatch):
     every = app.mistakes(100, "any", "any", "all mistakes")
     doubtful = app.mistakes(100, "any", "any", "likely label errors")
-    assert 0 < len(doubtful) <= len(every)
+    assert 0 < len(doubtful) <= 20                                      # the flagged ones only
+    g = app.gallery
+    order = [int(g.index[i]) for i in app._flagged(None, None)]          # in the report's order, each once
+    ranked = [int(r["index"]) for r in csv.DictReader(open(app.run.path / "report" / "label_issues.csv"))
+              if r["flagged"] == "1"]
+    assert order == ranked and len(doubtful) == len(ranked)
     assert all(c.endswith(", likely label error") for _, c in doubtful)
     assert any(not c.endswith(", likely label error") for _, c in every)  # the filter removed some
     assert [c for _, c in app.mistakes(100, "any", "any")] == [c for _, c in every]  # the default: all

@@ -54,10 +54,14 @@ def test_report_records_mean_corruption_accuracy_and_flags_label_issues(report, 
     assert f"{res['mean_corruption_accuracy']:.1%} |" in (report / "summary.md").read_text()
     rows = list(csv.DictReader(open(report / "label_issues.csv", newline="")))
     assert rows and all(r["given_label"] != r["suggested_label"] for r in rows)
-    listed = {int(r["index"]) for r in rows}                          # test-set indices
+    flagged = [int(r["index"]) for r in rows if r["flagged"] == "1"]  # test-set indices, likeliest first
+    assert 0 < len(flagged) <= 20 and [r["flagged"] for r in rows[:len(flagged)]] == ["1"] * len(flagged)
     with np.load(tiny_run / "gallery.npz") as g:                      # the app's filter reads these flags
-        shown, flags = g["index"], g["label_issue"]
-    assert flags.any() and set(shown[flags].tolist()) == listed & set(shown.tolist())
+        shown, flags, rank = g["index"], g["label_issue"], g["label_issue_rank"]
+    assert set(shown[flags].tolist()) == set(flagged)                 # every flagged image is in the gallery
+    assert all(flagged[r] == i for i, r in zip(shown[flags], rank[flags]))  # with its place in the ranking
+    page = (report / "index.html").read_text()
+    assert "real label errors, measured on CIFAR-10&#x27;s human-verified list" in page
 
 
 def test_a_run_too_small_to_calibrate_gets_one_line_and_every_other_part(toy_run, tmp_path):

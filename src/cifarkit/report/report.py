@@ -36,6 +36,7 @@ class Report:
         self.links: list[tuple[str, str]] = []        # (file, what it is): data files beside the page
         self.p: analysis.Predictions | None = None    # test predictions, once made
         self.issues: label_issues.LabelIssues | None = None  # likely label errors among them
+        self.issue_models = 1                         # models whose views ranked them (the run's, the audit's)
         self.temperature: float | None = None         # the run's T and where it was fitted, once known
         self.fitted_on = ""
 
@@ -84,9 +85,9 @@ def _predictions(r: Report, n: int, method: str) -> None:
     model = load(r.run.path)
     images, labels = analysis.load_test_split(r.run.path)
     p = r.p = analysis.predict_arrays(model, images, labels)
-    issues = label_issues.find_label_issues(p.probs, p.labels)
+    issues, r.issue_models = label_issues.rank_test_set(r.run.path, model, images, labels, p.probs)
     r.issues = issues
-    analysis.save_gallery(r.run.path, p, label_issues=issues.indices)  # what the app shows, without the dataset
+    analysis.save_gallery(r.run.path, p, label_issues=issues.flagged_indices)  # what the app shows, without the dataset
     conf = analysis.confusion(p)
     r.tables["Results"].append(("single-view test accuracy (this report)", f"{p.accuracy:.4f}"))
     r.add(plots.confusion_matrix(conf, p.classes), "confusion", "Confusion matrix",
@@ -94,7 +95,7 @@ def _predictions(r: Report, n: int, method: str) -> None:
     wrong = analysis.mistakes(p, n)
     if len(wrong) < n:
         r.notes.append(f"misclassified: asked for {n}, the model made only {len(wrong)} mistakes")
-    doubtful = np.isin(wrong, issues.indices)
+    doubtful = np.isin(wrong, issues.flagged_indices)
     titles = [f"{p.classes[p.labels[i]]} / {p.classes[p.preds[i]]} ({p.confidence[i]:.0%})" + ("\nlabel?" if d else "")
               for i, d in zip(wrong, doubtful)]
     if len(wrong):
@@ -192,17 +193,23 @@ def _label_issues(r: Report) -> None:
         return
     issues, p = r.issues, r.p
     label_issues.to_csv(issues, p.classes, r.out / RunDir.LABEL_ISSUES_CSV)
-    r.links.append((RunDir.LABEL_ISSUES_CSV, f"all {len(issues)} likely label errors of the test set (index, given "
-                                        "and suggested label, probabilities)"))
-    wrong = np.flatnonzero(p.preds != p.labels)
+    r.links.append((RunDir.LABEL_ISSUES_CSV, f"{len(issues):,} test images whose given label the model finds less "
+                                             f"likely than another, most likely first; the first {issues.flagged} "
+                                             "flagged (index, given and suggested label, probabilities)"))
+    models = f"{r.issue_models} models (the run's and its audit's)" if r.issue_models > 1 else "the run's model"
+    res = r.run.read_results()
+    measured = label_issues.measured_line(res.preset if res else None)
     r.tables["Likely label errors (test set)"] = [
-        ("test images flagged", f"{len(issues):,} of {len(p.labels):,}"),
-        ("among the model's mistakes", f"{int(np.isin(issues.indices, wrong).sum()):,} of {len(wrong):,}")]
+        ("flagged", f"{issues.flagged} of {len(p.labels):,} test images"),
+        ("how many are real", measured),
+        ("ranked by", f"the given label's calibrated probability from {models}, lowest first"),
+        ("listed in the CSV", f"{len(issues):,}: those the model would give another class")]
     r.add(label_issues.label_issues_figure(p.images, issues, p.classes), "label_issues", "Likely label errors",
-          "Test images whose given label the model finds least plausible while confidently preferring another class "
-          "(confident learning: below its own average confidence in the given class, above it in the suggested one), "
-          "most likely first, titled given / suggested (probability). Check them by eye before trusting the accuracy. "
-          f"Only as good as the model (single-view test accuracy {p.accuracy:.1%}): its confident mistakes look alike.")
+          f"The {issues.flagged} test images whose given label the model finds least plausible (its calibrated "
+          "probability, lowest first, among the images it would give another class), titled given / suggested "
+          f"(probability); {measured}. Check them by eye before trusting the accuracy: most of "
+          f"the others are the model's own confident mistakes (single-view test accuracy {p.accuracy:.1%}), which "
+          "look the same to it.")
 
 
 def measure_robustness(run: RunDir, n: int | None = None, images=None, labels=None) -> robustness.RobustnessResult:

@@ -148,19 +148,32 @@ class RunApp:
         return f"actual {g.classes[g.labels[i]]} / predicted {g.classes[g.preds[i]]} ({g.confidence[i]:.0%}){doubt}"
 
     def mistakes(self, n=20, true_class="any", predicted_class="any", show=SHOW[0]) -> list[tuple[np.ndarray, str]]:
-        """The most confident mistakes; show='likely label errors' keeps those whose given label the
-        report found implausible (confident learning over the whole test set, flagged in the gallery)."""
+        """The most confident mistakes; show='likely label errors': the images the report flagged as
+        likely mislabelled (label_issues.py, over the whole test set), in the report's order."""
         n = int(max(1, min(int(n), 100)))
         g = self.gallery
         if show not in SHOW:
             raise CifarkitError(f"unknown selection '{show}'; choose one of: {', '.join(SHOW)}")
-        idx = analysis.mistakes(g, None, self._class_index(true_class), self._class_index(predicted_class))
-        if show == SHOW[1]:
-            if g.label_issue is None:
-                raise CifarkitError("this run's gallery has no label-error flags: it predates them; "
-                                    "write the report again with `cifarkit report` on the run")
-            idx = idx[g.label_issue[idx]]
+        true, pred = self._class_index(true_class), self._class_index(predicted_class)
+        idx = self._flagged(true, pred) if show == SHOW[1] else analysis.mistakes(g, None, true, pred)
         return [(explain.upscale(g.images[[i]], 128)[0], self._caption(i)) for i in idx[:n]]
+
+    def _flagged(self, true: int | None, pred: int | None) -> np.ndarray:
+        """Gallery positions of the flagged images of these classes, likeliest label error first, each once."""
+        g = self.gallery
+        if g.label_issue is None:
+            raise CifarkitError("this run's gallery has no label-error flags: it predates them; "
+                                "write the report again with `cifarkit report` on the run")
+        keep = g.label_issue.copy()
+        if true is not None:
+            keep &= g.labels == true
+        if pred is not None:
+            keep &= g.preds == pred
+        idx = np.flatnonzero(keep)
+        if g.label_issue_rank is None:  # a gallery from before the ranking was stored: most confident first
+            return idx[np.argsort(-g.confidence[idx], kind="stable")]
+        _, first = np.unique(g.label_issue_rank[idx], return_index=True)      # sorted by rank, each once
+        return idx[first]
 
     def gradcam_gallery(self, n=10, alpha=0.5, layer=None, which="mistakes", method="gradcam"):
         n = int(max(1, min(int(n), 50)))

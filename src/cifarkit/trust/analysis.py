@@ -84,15 +84,23 @@ def save_gallery(run_dir: str | Path, p: Predictions, max_mistakes: int = 2000, 
                  n_random: int = 200, seed: int = 0, label_issues: np.ndarray | None = None) -> Path:
     """Store mistakes (most confident first), confident correct and random test images with their
     probabilities, plus one example image per class, so the app needs only the run directory.
-    label_issues: test-set indices of likely label errors (label_issues.py); stored as a flag per image."""
+    label_issues: test-set indices of the flagged likely label errors, likeliest first
+    (label_issues.py); stored as a flag and a rank (-1: not flagged) per image, and any of them not
+    among the mistakes kept is stored too (kind 'flagged')."""
     run = RunDir(run_dir)
     rng = np.random.default_rng(seed)
     picks = {"mistake": mistakes(p, max_mistakes), "correct": correct(p, n_correct),
              "random": rng.choice(len(p.labels), size=min(n_random, len(p.labels)), replace=False)}
+    if label_issues is not None:
+        picks["flagged"] = np.setdiff1d(label_issues, picks["mistake"])
     idx = np.concatenate(list(picks.values()))
     kind = np.concatenate([np.full(len(v), k) for k, v in picks.items()])
     out = run.gallery_file
-    flags = {} if label_issues is None else {"label_issue": np.isin(idx, label_issues)}
+    flags = {}
+    if label_issues is not None:
+        rank = np.full(len(p.labels), -1)
+        rank[np.asarray(label_issues, dtype=np.int64)] = np.arange(len(label_issues))
+        flags = {"label_issue": rank[idx] >= 0, "label_issue_rank": rank[idx]}
     with atomic_path(out, ".npz") as tmp:
         np.savez_compressed(tmp, images=p.images[idx], labels=p.labels[idx], probs=p.probs[idx].astype(np.float16),
                             kind=kind, classes=np.array(p.classes), index=idx, **flags)
@@ -107,11 +115,12 @@ def save_gallery(run_dir: str | Path, p: Predictions, max_mistakes: int = 2000, 
 
 
 def load_gallery(run_dir: str | Path) -> Predictions:
-    """The stored gallery as Predictions with a `.kind` array and `.label_issue` flags (None in a
-    gallery written before label issues); one line when there is none."""
+    """The stored gallery as Predictions with a `.kind` array, `.label_issue` flags and their
+    `.label_issue_rank` (None in a gallery written before them); one line when there is none."""
     f = RunDir.open(run_dir, need=("gallery",)).gallery_file
     with np.load(f) as z:
         p = Predictions(z["images"], z["labels"], z["probs"].astype(np.float32), [str(c) for c in z["classes"]])
-        p.kind = z["kind"]
+        p.kind, p.index = z["kind"], z["index"]                                # index: position in the test set
         p.label_issue = z["label_issue"] if "label_issue" in z.files else None
+        p.label_issue_rank = z["label_issue_rank"] if "label_issue_rank" in z.files else None
     return p
