@@ -190,3 +190,30 @@ def test_the_scores_and_thresholds_are_cleanlabs():
                                                weight_ensemble_members_by="uniform", verbose=False)
     assert np.allclose(several.p_given, theirs[several.indices])
     assert np.allclose(li.find_label_issues(probs[0], given).thresholds, get_confident_thresholds(given, probs[0]))
+
+
+def test_the_report_ranking_asks_the_audits_finished_fold_models_too(tmp_path):
+    from cifarkit.models import build_model
+    from cifarkit.weights import load, save_weights
+    classes = ["a", "b", "c"]
+    run, folds = tmp_path / "run", tmp_path / "run" / "audit" / "folds"
+    for name, seed, finished in (("run", 0, True), ("fold-0-of-3", 1, True), ("fold-1-of-3", 2, True),
+                                 ("fold-2-of-3", 3, False)):                  # the last one was interrupted
+        path = run if name == "run" else folds / name
+        path.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        net = build_model("fast", 3, widths=[8, 16, 16])
+        save_weights(net, path / "model.safetensors", "fast", classes, [0.5] * 3, [0.25] * 3, {"widths": [8, 16, 16]})
+        if finished:
+            (path / "results.json").write_text("{}")
+    images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(40) % 3
+    model = load(run)
+    plain = model.probabilities(images).numpy()
+    issues, asked = li.rank_test_set(run, model, images, labels, plain, flagged=5)
+    assert asked == 3                                                          # the run and the two finished folds
+    probs = np.stack([plain] + [load(folds / f).probabilities(images).numpy() for f in ("fold-0-of-3", "fold-1-of-3")])
+    expected = li.rank_label_issues(probs, labels, flagged=5)
+    assert issues.indices.tolist() == expected.indices.tolist() and len(issues) > 0
+    assert np.allclose(issues.p_given, probs.mean(0)[issues.indices, labels[issues.indices]], atol=1e-6)
+    assert not np.allclose(probs[0], probs[1], atol=1e-3)                      # the folds are other opinions
