@@ -24,7 +24,7 @@ def test_train_says_what_it_will_do_and_what_it_did_and_nothing_else(tiny_traini
     start = [line for line in err.splitlines() if not line.startswith("decoded ")]  # a first decode says so
     assert start[0] == f"training {run} (preset quick, seed 0)"
     for label in ("data      CIFAR-10, JPEG-q75 copy: 1,000 training images, 500 held out", "model     fast: ",
-                  "machine   cpu x1", "schedule  1 epoch of 4 steps of 250 images"):
+                  "machine   cpu x1", "schedule  1 epoch of 10 steps of 100 images"):
         assert any(label in line for line in start), label
     assert out.splitlines()[0].startswith("test accuracy: ") and f"run directory: {run}" in out
     assert "report:" not in out and f"cifarkit app {run}" in out          # --no-report: no report line

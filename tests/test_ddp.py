@@ -10,17 +10,17 @@ import pytest
 
 from cifarkit.train.checkpoints import read_checkpoint
 from cifarkit.data.sources import load_arrays
-from cifarkit.presets import preset_config
 from cifarkit.weights import load
+from conftest import narrow_config
 
 
 @pytest.mark.slow
 def test_two_process_ddp_run_is_complete_loads_and_ranks_train_on_different_batches(tmp_path, cifar_path):
     load_arrays(str(cifar_path))  # decode once here, not in each rank
     config = tmp_path / "ddp.yaml"  # lr auto with a short range test: it must run once, on rank 0
-    preset_config("fast", data=str(cifar_path), subset=1000, val_size=500, epochs=2, batch_size=100,
+    narrow_config(config, "fast", data=str(cifar_path), subset=1000, val_size=500, epochs=2, batch_size=100,
                   tta=0, eval_batch_size=1000, lr="auto", muon_lr=0.0,
-                  lr_find={"min_lr": 1e-3, "max_lr": 10.0, "num_training": 20}).to_yaml(config)
+                  lr_find={"min_lr": 1e-3, "max_lr": 10.0, "num_training": 20})  # DDP's work alike at any width
     record = tmp_path / "batches"
     env = {**os.environ, "CIFARKIT_RECORD_BATCHES": str(record)}
     r = subprocess.run([sys.executable, "-m", "cifarkit", "train", "--config", str(config), "--out", "run",

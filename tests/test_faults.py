@@ -2,7 +2,9 @@
 checkpoints and weights of another model; and same-seed CPU runs that agree to the last bit.
 (A corrupt data cache and a wrong archive: tests/test_data.py.)
 
-Training runs use the toy ImageFolder (40 training images, batches of 10: 4 steps per epoch)."""
+Training runs use the toy ImageFolder (40 training images, batches of 10: 4 steps per epoch) and, but
+for the determinism test's, the narrow fast net of conftest.TINY_WIDTHS: what a fault leaves behind
+does not depend on the width, and each run costs 10 CPU-s instead of 25."""
 from __future__ import annotations
 
 import csv
@@ -26,12 +28,13 @@ from cifarkit.cli import main
 from cifarkit.models import build_model
 from cifarkit.presets import preset_config
 from cifarkit.weights import save_weights
-from conftest import make_image_folder
+from conftest import make_image_folder, narrow_config
 
 STEPS_PER_EPOCH = 4
 
 
 def toy_args(data: Path, epochs: int = 3, report: bool = False, **extra) -> list[str]:
+    """The flags of a toy run; with config=PATH, the narrow net's config (the `narrow` fixture) under them."""
     args = ["train", "--data", str(data), "--epochs", str(epochs), "--batch-size", "10", "--val-size", "8",
             "--lr", "0.05", "--seed", "3"] + ([] if report else ["--no-report"])
     for flag, value in extra.items():
@@ -61,10 +64,16 @@ def toy(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, toy) -> Path:
+def narrow(tmp_path_factory) -> Path:
+    """The fast preset's config with the narrow net, for --config."""
+    return narrow_config(tmp_path_factory.mktemp("narrow") / "narrow.yaml", "fast")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, toy, narrow) -> Path:
     """An uninterrupted run of the arguments the kill and Ctrl-C tests interrupt."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert main(toy_args(toy, out=out, ckpt_every_steps=3)) == 0
+    assert main(toy_args(toy, out=out, ckpt_every_steps=3, config=narrow)) == 0
     return out
 
 
@@ -98,9 +107,9 @@ def stop_after_a_mid_epoch_checkpoint(proc: subprocess.Popen, last: Path, sig: i
 
 
 @pytest.mark.slow
-def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, toy, reference):
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, toy, narrow, reference):
     run = tmp_path / "run"
-    proc = start(toy, run, ckpt_every_steps=3)
+    proc = start(toy, run, ckpt_every_steps=3, config=narrow)
     step = stop_after_a_mid_epoch_checkpoint(proc, run / "checkpoints" / "last.ckpt", signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL and not (run / "results.json").exists()
@@ -110,9 +119,9 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, toy
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_writes_the_report_and_prints_the_resume_command(tmp_path, toy, reference):
+def test_ctrl_c_saves_a_checkpoint_writes_the_report_and_prints_the_resume_command(tmp_path, toy, narrow, reference):
     run = tmp_path / "run"
-    proc = start(toy, run, ckpt_every_steps=3, report=True)
+    proc = start(toy, run, ckpt_every_steps=3, report=True, config=narrow)
     stop_after_a_mid_epoch_checkpoint(proc, run / "checkpoints" / "last.ckpt", signal.SIGINT)
     proc.wait(timeout=90)
     err = Path(f"{run}.err").read_text()
@@ -129,8 +138,8 @@ def test_ctrl_c_saves_a_checkpoint_writes_the_report_and_prints_the_resume_comma
 def test_resume_before_any_checkpoint_keeps_the_recorded_lr_and_runs_no_new_range_test(tmp_path, toy, capsys):
     run = tmp_path / "run"  # killed after the LR range test, before the first checkpoint
     run.mkdir()
-    preset_config("fast", data=str(toy), epochs=1, batch_size=10, val_size=8, lr="auto", muon_lr=0.0,
-                  out=str(run)).to_yaml(run / "config.yaml")
+    narrow_config(run / "config.yaml", "fast", data=str(toy), epochs=1, batch_size=10, val_size=8, lr="auto",
+                  muon_lr=0.0, out=str(run))
     (run / "lr_find.json").write_text(json.dumps({"lr": [], "loss": [], "suggestion": 0.0123}))
     assert main(["train", "--resume", str(run), "--no-report"]) == 0
     captured = capsys.readouterr()
@@ -139,9 +148,9 @@ def test_resume_before_any_checkpoint_keeps_the_recorded_lr_and_runs_no_new_rang
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, toy, capsys):
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, toy, narrow, capsys):
     run = tmp_path / "run"
-    code = main(toy_args(toy, out=run, ckpt_every_steps=1) + ["--lr", "1e6"])  # the last --lr wins
+    code = main(toy_args(toy, out=run, ckpt_every_steps=1, config=narrow) + ["--lr", "1e6"])  # the last --lr wins
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and re.match(r"cifarkit: error: (loss became (nan|inf) at|weights became (nan|inf) by) step \d+", err), err
     bad_step = int(re.search(r" (?:at|by) step (\d+)", err).group(1))
@@ -185,7 +194,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
-def test_full_or_read_only_disk_mid_run_is_one_line_and_keeps_what_was_saved(tmp_path, toy, capsys,
+def test_full_or_read_only_disk_mid_run_is_one_line_and_keeps_what_was_saved(tmp_path, toy, narrow, capsys,
                                                                                 monkeypatch, code):
     # Simulated: tests run as root without mount rights, so the second checkpoint write fails the way
     # a full (ENOSPC) or read-only (EROFS) disk makes write() fail, after writing part of the file.
@@ -199,7 +208,7 @@ def test_full_or_read_only_disk_mid_run_is_one_line_and_keeps_what_was_saved(tmp
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(torch, "save", failing_save)
-    assert main(toy_args(toy, out=run, ckpt_every_steps=1)) == 2
+    assert main(toy_args(toy, out=run, ckpt_every_steps=1, config=narrow)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cifarkit: error: cannot write") and os.strerror(code) in err[-1]
     assert f"--resume {run}" in err[-1] and "Traceback" not in "\n".join(err)
@@ -288,6 +297,7 @@ def test_checkpoint_holding_pickled_objects_is_refused(tmp_path, toy, capsys):
 
 @pytest.mark.slow
 def test_same_seed_on_cpu_gives_identical_metrics(tmp_path, toy):
+    """The default (full-width) net, as a person's two runs of the same command."""
     runs = [tmp_path / "a", tmp_path / "b"]
     for out in runs:
         assert main(toy_args(toy, epochs=2, out=out, accelerator="cpu")) == 0
