@@ -41,6 +41,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -364,9 +365,8 @@ class SweepDir:
         sweep = cls(path)
         try:
             sweep.path.mkdir(parents=True, exist_ok=True)
-            probe = sweep.path / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            with tempfile.NamedTemporaryFile(dir=sweep.path, prefix=".write-test-"):  # one per worker: workers
+                pass                                                                # start together here
         except OSError as exc:
             raise CifarkitError(f"cannot write the sweep folder {sweep.path}: {exc.strerror or exc}; "
                                 "pass --out with a writable path") from None
