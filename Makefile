@@ -23,27 +23,26 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/cifarkit train --preset quick
 
-# The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
-browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+# $(call need,CHECK,PACKAGE,WHAT): run CHECK; if it fails, install Debian's PACKAGE when root with apt-get,
+# else say what `make test` needs (WHAT) and stop.
+define need
+	@$(1) || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Chromium for the browser tests (apt-get install chromium)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    echo "make test installs $(3) (apt-get install $(2))"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
 	  else \
-	    echo "make test needs Chromium for its browser tests: install it (Debian: sudo apt-get install -y chromium) and run make test again, or run make test-fast"; \
+	    echo "make test needs $(3): install it (Debian: sudo apt-get install -y $(2)) and run make test again, or run make test-fast"; \
 	    exit 1; \
 	  fi; }
+endef
+
+# The browser tests drive Debian's Chromium through Playwright (never `playwright install`).
+browser:
+	$(call need,command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1,chromium,Chromium for its browser tests)
 
 # The sweep's shared-storage test starts its own server from Debian's PostgreSQL programs.
 postgres:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing PostgreSQL for the sweep's shared-storage test (apt-get install postgresql)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
-	  else \
-	    echo "make test needs PostgreSQL's server programs for its sweep test: install them (Debian: sudo apt-get install -y postgresql) and run make test again, or run make test-fast"; \
-	    exit 1; \
-	  fi; }
+	$(call need,ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1,postgresql,PostgreSQL (its server programs) for its sweep test)
 
 # Everything: unit tests, trainings on the real data, the DDP run, the sweeps' workers and database,
 # the app server and the browser.
